@@ -221,7 +221,8 @@ def validate_state_obs(robot_obs: Any = None, scene_obs: Any = None) -> tuple[np
     """Check the ``robot_obs`` (15) and ``scene_obs`` (24) given to ``reset``; return float64 copies.
 
     ``None`` passes through as ``None`` (the env's default pose / scene). Raises :class:`InvalidStateError` for a
-    wrong shape or a NaN/inf. Values are not range-checked: any pose calvin_env can teleport to is allowed.
+    wrong shape, a NaN/inf, or a light state (``scene_obs[4]`` lightbulb, ``scene_obs[5]`` led) other than 0 or 1.
+    Poses and joint values are not range-checked: any state calvin_env can teleport to is allowed.
 
     Example::
 
@@ -237,4 +238,12 @@ def validate_state_obs(robot_obs: Any = None, scene_obs: Any = None) -> tuple[np
             scene_obs, layout.SCENE_OBS_DIM, "scene_obs",
             "slider, drawer, button, switch, lightbulb, led, then x y z roll pitch yaw of the red, blue, pink blocks",
         )
+        # calvin_env's Light.reset raises on anything but 0/1, and only after the doors were already moved:
+        # refuse it here, before any part of the scene changes.
+        for idx, name in ((layout.LIGHTBULB_IDX, "lightbulb"), (layout.LED_IDX, "led")):
+            if scene_obs[idx] not in (0.0, 1.0):
+                raise InvalidStateError(
+                    f"scene_obs[{idx}] ({name}) is a logical light state and must be exactly 0 or 1, "
+                    f"got {scene_obs[idx]!r}"
+                )
     return robot_obs, scene_obs
