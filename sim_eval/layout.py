@@ -85,10 +85,10 @@ LED_POS = np.array([-0.12, 0.16, 0.647846])
 LIGHTBULB_POS = np.array([0.3, 0.132, 0.647848])
 
 # Handles, in world coordinates at joint value 0 (add value * axis for the current position).
-SLIDER_HANDLE_AT_ZERO = np.array([0.04, 0.035, 0.58])  # vertical grip bar on the door's front face
-DRAWER_HANDLE_AT_ZERO = np.array([0.18, -0.25, 0.36])  # horizontal bar in front of the drawer face
+SLIDER_HANDLE_AT_ZERO = np.array([0.04, 0.0165, 0.569])  # centre of the door's grip bar (4 cm wide in x)
+DRAWER_HANDLE_AT_ZERO = np.array([0.18, -0.25, 0.36])  # centre of the bar in front of the drawer face
 BUTTON_TOP_Z = 0.484  # top of the unpressed button cap
-SWITCH_HANDLE_AT_ZERO = np.array([0.3, 0.04, 0.51])  # grip of the lever at value 0
+SWITCH_HANDLE_AT_ZERO = np.array([0.3, 0.035, 0.512])  # centre of the lever's grip at value 0
 
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks (calvin scene D: red "middle", blue "small", pink "big", URDF sizes times 0.8)

@@ -20,10 +20,10 @@ OPEN, CLOSE = 1.0, -1.0
 DRAWER_BAR_Y_AT_ZERO = -0.261  # front face of the drawer's handle bar
 DRAWER_GAP_Y_AT_ZERO = -0.212  # between the handle bar and the drawer front: where the fingers hook in
 DRAWER_HANDLE_Z = 0.36
-SLIDER_GRIP_AT_ZERO = np.array([0.04, 0.0165, 0.569])
+SLIDER_GRIP_AT_ZERO = layout.SLIDER_HANDLE_AT_ZERO
 SLIDER_GRIP_HALF_WIDTH_M = 0.02
 BUTTON_XY = layout.BUTTON_ORIGIN[:2]
-SWITCH_GRIP_AT_ZERO = np.array([0.3, 0.035, 0.512])
+SWITCH_GRIP_AT_ZERO = layout.SWITCH_HANDLE_AT_ZERO
 SWITCH_OUT = np.array([0.0, -0.8660254, 0.5])  # out of the switch's track, towards the robot
 DRAWER_INNER_X = (-0.02, 0.38)
 DRAWER_BOTTOM_Z = 0.341
@@ -312,9 +312,11 @@ def rotate_plan(block_name: str, left: bool) -> list[Phase]:
         return yaw0(r, s) + (1.0 if left else -1.0) * np.deg2rad(80)
 
     def lifted(r, s):
+        yaw0(r, s)
         return np.array([*memo["xy"], layout.DESK_TOP_Z + 0.02 + 0.03])
 
     def down(r, s):
+        yaw0(r, s)
         return np.array([*memo["xy"], layout.DESK_TOP_Z + 0.02 + 0.006])
     return [
         *_grasp_phases(lambda s: block_name, lift_to=None),

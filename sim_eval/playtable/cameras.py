@@ -23,7 +23,8 @@ from sim_eval import layout
 
 def depth_from_zbuffer(zbuffer: np.ndarray, near: float, far: float) -> np.ndarray:
     """OpenGL depth buffer -> metric depth (calvin's Camera.z_buffer_to_real_distance)."""
-    return (far * near / (far - (far - near) * zbuffer)).astype(np.float32)
+    depth = far * near / (far - (far - near) * zbuffer.astype(np.float64))
+    return np.clip(depth, near, far).astype(np.float32)  # float error can put the background a hair past far
 
 
 class _Camera:

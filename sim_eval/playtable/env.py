@@ -56,6 +56,13 @@ class PlayTableEnv:
             self.cameras["gripper"] = GripperCamera(self.robot.uid, self.robot.camera_link, int(gripper_size),
                                                     int(gripper_size))
         self._state_counter = 0  # bumps on every step/reset; lazily rendered frames check it
+        # Resets start from this pristine snapshot: it clears contact caches and solver warm starts, so the same
+        # reset followed by the same actions gives the same trajectory, whatever ran before.
+        self._pristine = p.saveState(physicsClientId=self.cid)
+        # One throw-away step: bullet's first step after loading differs from every later one (it allocates its
+        # contact caches), which would make the first reset of an env unlike all later identical resets.
+        self.reset(layout.NEUTRAL_ROBOT_OBS, self.sample_scene_obs())
+        self.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))
         self.reset(layout.NEUTRAL_ROBOT_OBS, self.sample_scene_obs())
 
     # ------------------------------------------------------------------------------------------------ API
@@ -64,6 +71,7 @@ class PlayTableEnv:
         robot_obs = layout.NEUTRAL_ROBOT_OBS if robot_obs is None else robot_obs
         scene_obs = self.sample_scene_obs() if scene_obs is None else scene_obs
         robot_obs, scene_obs = validate_state_obs(robot_obs, scene_obs)
+        p.restoreState(stateId=self._pristine, physicsClientId=self.cid)
         self.scene.reset(scene_obs, self.rng)
         self.robot.reset(robot_obs)
         self._apply_view_variation()
