@@ -177,7 +177,8 @@ def validate_action(action: Any) -> dict:
         missing = [k for k in ("action", "type") if k not in action]
         if missing:
             raise InvalidActionError(
-                f"a dict action needs the keys 'action' and 'type', missing {missing}; got keys {sorted(map(str, action))}"
+                f"a dict action needs the keys 'action' and 'type', missing {missing}; "
+                f"got keys {sorted(map(str, action))}"
             )
         kind = action["type"]
         if kind not in ACTION_TYPES:

@@ -171,7 +171,9 @@ BAD_STATES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, fragment", BAD_STATES, ids=[f"{list(k)[0]}-{i}" for i, (k, _) in enumerate(BAD_STATES)])
+@pytest.mark.parametrize(
+    "kwargs, fragment", BAD_STATES, ids=[f"{list(k)[0]}-{i}" for i, (k, _) in enumerate(BAD_STATES)]
+)
 def test_bad_state_has_clear_error(kwargs, fragment):
     with pytest.raises(InvalidStateError) as err:
         validate_state_obs(**kwargs)
