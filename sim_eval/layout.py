@@ -68,7 +68,7 @@ TABLE_LINK_IDS = {"base_link": -1, "button_link": 0, "switch_link": 1, "slide_li
                   "led_link": 4, "light_link": 5, "plank_link": 6}
 TABLE_JOINT_IDS = {"base__button": 0, "base__switch": 1, "base__slide": 2, "base__drawer": 3}
 DESK_TOP_Z = 0.44  # the table top surface
-PLANK_TOP_Z = 0.44  # the sliding cabinet's shelf surface (plank_link)
+PLANK_TOP_Z = 0.441  # the sliding cabinet's shelf: calvin's slider slots (z 0.46099) rest exactly on it
 DESK_X = (-0.44, 0.44)
 DESK_FRONT_Y, DESK_CABINET_Y, DESK_BACK_Y = -0.18, 0.02, 0.18
 

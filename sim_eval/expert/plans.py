@@ -29,6 +29,14 @@ DRAWER_INNER_X = (-0.02, 0.38)
 DRAWER_BOTTOM_Z = 0.341
 PLANK_X = (-0.36, 0.16)
 SLOT_Y = 0.0924
+# Over the sliding cabinet a shelf overhangs from y = 0.128: a vertical hand would hit it with its back, so the
+# expert leans the fingers into the cabinet (wrist towards the robot) to grasp or place there.
+CABINET_PITCH_RAD = -0.35
+CABINET_FRONT_Y = 0.03
+
+
+def _pitch_at(y: float) -> float:
+    return CABINET_PITCH_RAD if y > CABINET_FRONT_Y else 0.0
 
 
 def _fixed(pos, yaw=NEUTRAL_YAW, gripper=OPEN, **kw):
@@ -211,14 +219,20 @@ def _grasp_phases(block_of, lift_to: float | None = SAFE_Z) -> list[Phase]:
     def at(r, s):
         b = block(s)
         return np.array([b.pos[0], b.pos[1], b.pos[2] + 0.002])
+    def pitch(s):
+        if "pitch" not in memo:
+            memo["pitch"] = _pitch_at(block(s).pos[1])
+        return memo["pitch"]
     phases = [
-        Phase("reach above block", lambda r, s: Goal(above(r, s), yaw(r, s), OPEN, tol_m=0.012), max_steps=150),
-        Phase("descend to block", lambda r, s: Goal(at(r, s), yaw(r, s), OPEN, speed=0.5, tol_m=0.006), max_steps=80),
+        Phase("reach above block", lambda r, s: Goal(above(r, s), yaw(r, s), OPEN, tol_m=0.012, pitch=pitch(s)),
+              max_steps=150),
+        Phase("descend to block", lambda r, s: Goal(at(r, s), yaw(r, s), OPEN, speed=0.5, tol_m=0.006,
+                                                    pitch=pitch(s)), max_steps=80),
         _wait("grasp", 10, CLOSE),
     ]
     if lift_to is not None:
         phases.append(Phase("lift", lambda r, s: Goal(np.array([*r.tcp_pos[:2], lift_to]), yaw(r, s), CLOSE,
-                                                      speed=0.6, tol_m=0.01), max_steps=60))
+                                                      speed=0.6, tol_m=0.01, pitch=pitch(s)), max_steps=60))
     return phases
 
 
@@ -239,11 +253,13 @@ def _place_phases(where: str, target_fn) -> list[Phase]:
     def lower(r, s):
         return target_fn(r, s) + [0, 0, 0.012]
     yaw = lambda r, s: float(r.tcp_euler[2])  # noqa: E731  keep the yaw the block was grasped with
+    pitch = lambda r, s: _pitch_at(target_fn(r, s)[1])  # noqa: E731
     return [
         _lift_to_safe(CLOSE, "lift"),
-        Phase("carry to " + where, lambda r, s: Goal(above(r, s), yaw(r, s), CLOSE, tol_m=0.012), max_steps=150),
-        Phase("lower into " + where, lambda r, s: Goal(lower(r, s), yaw(r, s), CLOSE, speed=0.4, tol_m=0.008),
-              max_steps=80),
+        Phase("carry to " + where, lambda r, s: Goal(above(r, s), yaw(r, s), CLOSE, tol_m=0.012, pitch=pitch(r, s)),
+              max_steps=150),
+        Phase("lower into " + where, lambda r, s: Goal(lower(r, s), yaw(r, s), CLOSE, speed=0.4, tol_m=0.008,
+                                                       pitch=pitch(r, s)), max_steps=80),
         _wait("release", 8, OPEN),
         _lift_to_safe(OPEN, "retreat"),
     ]
@@ -482,7 +498,8 @@ def task_feasible(task: str, robot_obs: np.ndarray, scene_obs: np.ndarray) -> bo
             right = task.endswith("right")
             reach_x = b.pos[0] + (0.14 if right else -0.14)
             behind_x = b.pos[0] - (0.06 if right else -0.06)
-            return -0.06 < reach_x < 0.40 and behind_x > -0.06 and behind_x < 0.40 and b.pos[1] < -0.07
+            # Room to push 0.14 m along the desk (the button housing ends at x = -0.08) and to stand behind it.
+            return -0.10 < reach_x < 0.42 and -0.10 < behind_x < 0.40 and b.pos[1] < -0.07
         return True
     if task.endswith("slider"):
         return in_slider(b) and slider_half_open(b, s)
