@@ -42,13 +42,8 @@ class PlayTableEnv:
         self.variation = variation or SceneVariation()
         self.rng = np.random.default_rng(seed)
         self.cid = p.connect(p.DIRECT)
-        p.resetSimulation(physicsClientId=self.cid)
-        p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=self.cid)
-        p.setTimeStep(1.0 / layout.PHYSICS_HZ, physicsClientId=self.cid)
-        p.setGravity(0, 0, -9.8, physicsClientId=self.cid)
-        paths = write_urdfs(urdf_cache_dir)
-        self.robot = PandaRobot(self.cid, paths["robot"])
-        self.scene = PlayTableScene(self.cid, paths, self.variation)
+        self._urdf_paths = write_urdfs(urdf_cache_dir)
+        self._build_world()
         self.cameras = {}
         if "static" in cameras:
             self.cameras["static"] = StaticCamera(int(static_size), int(static_size))
@@ -56,14 +51,19 @@ class PlayTableEnv:
             self.cameras["gripper"] = GripperCamera(self.robot.uid, self.robot.camera_link, int(gripper_size),
                                                     int(gripper_size))
         self._state_counter = 0  # bumps on every step/reset; lazily rendered frames check it
-        # Resets start from this pristine snapshot: it clears contact caches and solver warm starts, so the same
-        # reset followed by the same actions gives the same trajectory, whatever ran before.
-        self._pristine = p.saveState(physicsClientId=self.cid)
-        # One throw-away step: bullet's first step after loading differs from every later one (it allocates its
-        # contact caches), which would make the first reset of an env unlike all later identical resets.
         self.reset(layout.NEUTRAL_ROBOT_OBS, self.sample_scene_obs())
-        self.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))
-        self.reset(layout.NEUTRAL_ROBOT_OBS, self.sample_scene_obs())
+
+    def _build_world(self) -> None:
+        """(Re)load everything into a fresh simulation. Every reset does this (about 20 ms): bullet keeps
+        collision-pair caches that neither teleporting nor restoreState clears, and they shift trajectories by
+        ~1e-4 m depending on what ran before, so only a rebuilt world makes "same reset + same actions = same
+        trajectory" hold (exact resume of data collection and evaluation rely on it)."""
+        p.resetSimulation(physicsClientId=self.cid)
+        p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=self.cid)
+        p.setTimeStep(1.0 / layout.PHYSICS_HZ, physicsClientId=self.cid)
+        p.setGravity(0, 0, -9.8, physicsClientId=self.cid)
+        self.robot = PandaRobot(self.cid, self._urdf_paths["robot"])
+        self.scene = PlayTableScene(self.cid, self._urdf_paths, self.variation)
 
     # ------------------------------------------------------------------------------------------------ API
     def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None) -> dict:
@@ -71,7 +71,7 @@ class PlayTableEnv:
         robot_obs = layout.NEUTRAL_ROBOT_OBS if robot_obs is None else robot_obs
         scene_obs = self.sample_scene_obs() if scene_obs is None else scene_obs
         robot_obs, scene_obs = validate_state_obs(robot_obs, scene_obs)
-        p.restoreState(stateId=self._pristine, physicsClientId=self.cid)
+        self._build_world()
         self.scene.reset(scene_obs, self.rng)
         self.robot.reset(robot_obs)
         self._apply_view_variation()
