@@ -6,6 +6,8 @@ overridden on the command line and multirun (``-m``) works unchanged::
     ghil demo                                   # scripted expert rollout -> outputs/demo/*.mp4
     ghil collect env=playtable collect.episodes=200 collect.workers=2
     ghil collect --cfg job                      # print the resolved config and exit
+    ghil eval agent=expert eval.n_chains=100    # CALVIN evaluation (first 100 official chains)
+    ghil eval merge outputs/eval/<run> out=outputs/eval/<run>/merged    # merge shards (plain argparse)
 """
 
 from __future__ import annotations
@@ -23,12 +25,19 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 COMMANDS = {
     "demo": ("sim_eval.demo:run", "scripted-expert rollout on the embedded playtable, written as a video"),
     "collect": ("sim_eval.collect:run", "collect CALVIN-format demonstration data with the scripted expert"),
+    "eval": ("sim_eval.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
+}
+
+# (command, subcommand) -> "module:function" taking the remaining argv; plain argparse programs, not Hydra apps.
+SUBCOMMANDS = {
+    ("eval", "merge"): ("sim_eval.evaluate:merge_main", "merge the shard folders of one evaluation"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: ghil <command> [hydra overrides ...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {' '.join(name):<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Overrides use Hydra syntax, e.g. `ghil collect collect.episodes=10 env.camera.static_size=128`."]
     return "\n".join(lines)
 
@@ -44,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     command, overrides = argv[0], argv[1:]
+    if overrides and (command, overrides[0]) in SUBCOMMANDS:
+        _load(SUBCOMMANDS[(command, overrides[0])][0])(overrides[1:])
+        return
     if command not in COMMANDS:
         sys.exit(f"ghil: unknown command {command!r}\n\n{_usage()}")
     func = _load(COMMANDS[command][0])
