@@ -27,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,6 +79,7 @@ class EvalSettings:
     n_videos: int = 3  # rollout videos of the first n_videos chains of the subset
     video_fps: int = 30
     overwrite: bool = False  # discard an existing results folder instead of resuming it
+    agent_errors: str = "record"  # record: an exception in agent.step fails that subtask (agent_error); raise: stop
 
     def __post_init__(self) -> None:
         def is_int(v) -> bool:
@@ -102,6 +104,8 @@ class EvalSettings:
         if not (1 <= self.n_shards <= self.n_chains and 0 <= self.shard < self.n_shards):
             raise EvaluationError(f"need 1 <= eval.n_shards <= n_chains ({self.n_chains}) and 0 <= eval.shard < "
                                   f"n_shards, got shard={self.shard}, n_shards={self.n_shards}")
+        if self.agent_errors not in ("record", "raise"):
+            raise EvaluationError(f"eval.agent_errors must be 'record' or 'raise', got {self.agent_errors!r}")
         if self.n_videos < 0 or self.video_fps < 1:
             raise EvaluationError("eval.n_videos must be >= 0 and eval.video_fps >= 1")
 
@@ -278,8 +282,10 @@ class RunFolder:
         """Prepare the folder for ``meta``'s run; return the chain records it already holds (resume)."""
         old = self.read_meta()
         if old is not None and overwrite:
-            for name in (RUN_FILE, CHAINS_FILE, STATUS_FILE, RESULTS_FILE, "report.md"):
+            for name in (RUN_FILE, CHAINS_FILE, STATUS_FILE, RESULTS_FILE, "report.md", "per_task.svg",
+                         "sr_curve.svg"):
                 (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "videos", ignore_errors=True)
             old = None
         if old is None:
             if (self.path / CHAINS_FILE).exists():
@@ -414,11 +420,13 @@ class ChainRunner:
         chain = Chain(index, state, tasks)
         seed = chain_seed(self.settings.seed, index)
         video = self._video_for(index)
+        record_errors = self.settings.agent_errors == "record"
         if video is None:
-            return run_chain(self.env, self.agent, self.oracle, chain, self.settings.mode, self.settings.ep_len, seed)
+            return run_chain(self.env, self.agent, self.oracle, chain, self.settings.mode, self.settings.ep_len, seed,
+                             record_agent_errors=record_errors)
         try:
             record = run_chain(self.env, self.agent, self.oracle, chain, self.settings.mode, self.settings.ep_len,
-                               seed, frames=video)
+                               seed, frames=video, record_agent_errors=record_errors)
         finally:
             video.close()
         os.replace(video.path, video.path.with_name(video.path.name.replace(".partial", "")))
@@ -579,6 +587,11 @@ def _finish(run_dir: Path, meta: dict, records: list[ChainRecord], settings: Eva
     if not records:
         return EvalResult(Path(run_dir), [], None, False)
     metrics = summarize(records)
+    n_agent_errors = metrics.failure_reasons.get("agent_error", 0)
+    if n_agent_errors:
+        warnings = [*warnings, f"{n_agent_errors} chain(s) stopped because the agent raised an exception "
+                               "(failure agent_error; the exception is in each record's detail)"]
+        log.warning("%s", warnings[-1])
     videos = sorted(str(p.relative_to(run_dir)) for p in (Path(run_dir) / "videos").glob("chain_*.mp4")
                     if ".partial" not in p.name) if (Path(run_dir) / "videos").exists() else []
     results = {

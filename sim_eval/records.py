@@ -22,6 +22,8 @@ from sim_eval.tasks import check_task_name
 # Why a subtask failed. Anything but these is a bug in the harness.
 FAILURE_TIMEOUT = "timeout"  # the oracle did not fire within ep_len steps
 FAILURE_INVALID_ACTION = "invalid_action"  # the agent returned an action the env would reject (shape, NaN, gripper)
+FAILURE_AGENT_ERROR = "agent_error"  # agent.step raised (recorded only with eval.agent_errors=record)
+FAILURE_KINDS = (FAILURE_TIMEOUT, FAILURE_INVALID_ACTION, FAILURE_AGENT_ERROR)
 
 
 class RecordError(ValueError):
@@ -36,14 +38,14 @@ class SubtaskRecord:
     instruction: str  # what the agent was told (in long_horizon mode: the composite instruction)
     success: bool
     n_steps: int  # env steps taken; on success, the step after which the oracle fired (1-based)
-    failure: str | None = None  # None on success, else FAILURE_TIMEOUT or FAILURE_INVALID_ACTION
+    failure: str | None = None  # None on success, else one of FAILURE_KINDS
     detail: str | None = None  # human-readable reason, e.g. the InvalidActionError message
 
     def __post_init__(self) -> None:
         check_task_name(self.task)
         if self.success != (self.failure is None):
             raise RecordError(f"subtask {self.task}: success={self.success} but failure={self.failure!r}")
-        if self.failure not in (None, FAILURE_TIMEOUT, FAILURE_INVALID_ACTION):
+        if self.failure is not None and self.failure not in FAILURE_KINDS:
             raise RecordError(f"subtask {self.task}: unknown failure kind {self.failure!r}")
         if not isinstance(self.n_steps, int) or self.n_steps < 0:
             raise RecordError(f"subtask {self.task}: n_steps must be a non-negative int, got {self.n_steps!r}")

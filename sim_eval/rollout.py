@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import time
@@ -28,7 +29,10 @@ from ghil.interfaces import AgentDescription, CalvinAgent
 from sim_eval.action_validation import InvalidActionError, validate_action
 from sim_eval.initial_states import state_to_obs
 from sim_eval.instructions import chain_instructions, check_mode
-from sim_eval.records import FAILURE_INVALID_ACTION, FAILURE_TIMEOUT, ChainRecord, SubtaskRecord
+from sim_eval.records import (FAILURE_AGENT_ERROR, FAILURE_INVALID_ACTION, FAILURE_TIMEOUT, ChainRecord,
+                              SubtaskRecord)
+
+log = logging.getLogger(__name__)
 
 EP_LEN = 360  # CALVIN's per-subtask step budget (12 s at 30 Hz); the published numbers all use it
 
@@ -78,8 +82,12 @@ def seed_everything(seed: int) -> None:
 
 
 def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: str, ep_len: int, seed: int,
-              frames: FrameSink | None = None) -> ChainRecord:
-    """Roll out one chain under CALVIN's protocol and return its record."""
+              frames: FrameSink | None = None, record_agent_errors: bool = False) -> ChainRecord:
+    """Roll out one chain under CALVIN's protocol and return its record.
+
+    An exception from ``agent.step`` propagates, unless ``record_agent_errors``: then it fails the subtask as
+    ``agent_error`` with the exception in ``detail`` (the chain stops there, the run goes on).
+    """
     check_mode(mode)
     t0 = time.perf_counter()
     seed_everything(seed)
@@ -99,7 +107,16 @@ def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: 
         result = SubtaskRecord(task, instruction, False, ep_len, FAILURE_TIMEOUT, f"no success within {ep_len} steps")
         for step in range(ep_len):
             image = obs["rgb_obs"]["rgb_static"] if frames is not None else None  # read before the next step
-            action = agent.step(obs, instruction)
+            try:
+                action = agent.step(obs, instruction)
+            except Exception as exc:
+                if not record_agent_errors:
+                    raise
+                log.warning("chain %d subtask %d (%s) step %d: the agent raised; recorded as agent_error",
+                            chain.index, k, task, step, exc_info=True)
+                result = SubtaskRecord(task, instruction, False, step, FAILURE_AGENT_ERROR,
+                                       f"{type(exc).__name__}: {exc}")
+                break
             if frames is not None:
                 lines = [f"chain {chain.index}  subtask {k + 1}/{len(chain.tasks)}  step {step}  {task}", instruction]
                 frames.add(image, lines, AgentDescription.coerce(describe() if describe else None))

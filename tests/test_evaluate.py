@@ -173,7 +173,7 @@ def test_malformed_action_after_a_success_keeps_the_success(tmp_path):
 
 def test_agent_exception_fails_the_run_keeps_finished_chains_and_resumes(tmp_path):
     crash = ["agent=faulty", "agent.inner._target_=sim_eval.agents.HoldAgent", "agent.fault=raise",
-             "agent.at_reset=1", "eval.ep_len=6", "eval.n_videos=0", "eval.n_chains=3"]
+             "agent.at_reset=1", "eval.ep_len=6", "eval.n_videos=0", "eval.n_chains=3", "eval.agent_errors=raise"]
     with pytest.raises(EvaluationError, match="chain 1 failed.*AgentFault"):
         run(tmp_path, *crash)
     status = json.loads((tmp_path / "status.json").read_text())
@@ -190,7 +190,18 @@ def test_agent_exception_fails_the_run_keeps_finished_chains_and_resumes(tmp_pat
         run(tmp_path / "w2", *crash, "eval.workers=2", "agent.at_reset=0")
 
 
+def test_agent_exception_is_recorded_by_default(tmp_path):
+    res = run(tmp_path, "agent=faulty", "agent.inner._target_=sim_eval.agents.HoldAgent", "agent.fault=raise",
+              "agent.at_reset=1", "agent.at_step=3", "eval.ep_len=6", "eval.n_videos=0", "eval.n_chains=3")
+    assert res.complete and [r.n_completed for r in res.records] == [0, 0, 0]
+    sub = res.records[1].subtasks[-1]
+    assert sub.failure == "agent_error" and sub.n_steps == 3 and sub.detail.startswith("AgentFault: injected")
+    assert res.metrics.failure_reasons == {"agent_error": 1, "timeout": 2}
+    assert any("raised an exception" in w for w in res.results["warnings"])
+
+
 @pytest.mark.parametrize("override, message", [
+    ("eval.agent_errors=ignore", "'record' or 'raise'"),
     ("eval.n_chains=0", "outside the official 1000"),
     ("eval.n_chains=1001", "outside the official 1000"),
     ("eval.chain_start=990", "outside the official 1000"),  # 990 + 100 > 1000
