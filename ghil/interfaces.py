@@ -63,3 +63,38 @@ class DescribedAgent(CalvinAgent, Protocol):
     """A ``CalvinAgent`` that can explain its current step (optional; videos use it when present)."""
 
     def describe(self) -> AgentDescription: ...
+
+
+# -- learning (policies, trainer) -------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ChunkPolicy(Protocol):
+    """Predicts a chunk of actions towards a goal. Holds no episode state: the queue lives in ``ghil.runtime``.
+
+    ``obs`` is a ``ghil.types.Observation``; ``goal`` an (H, W, 3) uint8 goal image, or None for policies that
+    take no goal image (the flat language baseline). Returns a ``ghil.types.ActionChunk`` in robot units.
+    """
+
+    def predict_chunk(self, obs: Any, goal: Any) -> Any: ...
+
+
+@runtime_checkable
+class Learnable(Protocol):
+    """Anything ``ghil.train.Trainer`` can optimise: a loss on a batch plus ``save_pretrained`` for checkpoints.
+
+    ``loss`` returns the scalar to minimise and a dict of floats to log (named without the ``train/`` prefix).
+    """
+
+    def loss(self, batch: Any) -> tuple[Any, dict[str, float]]: ...
+
+    def save_pretrained(self, path: Any) -> None: ...
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """Where training metrics go (TensorBoard, JSONL): ``log(step, {"train/loss": 0.1})``."""
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...

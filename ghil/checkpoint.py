@@ -1,0 +1,245 @@
+"""Checkpoints as ``config.json`` + ``model.safetensors``, a registry of learnable types, and config (de)serialisation.
+
+A checkpoint folder::
+
+    config.json        {"type": "dit", "format_version": 1, "init": {"config": {"type": "dit_config", ...},
+                                                                    "sampler": {"type": "ddim", ...}}}
+    model.safetensors  every parameter and buffer (normaliser statistics included); nothing is pickled
+
+``register("dit")`` on a model class and ``register_config("dit_config")`` on its config dataclasses let
+``load_pretrained(path)`` rebuild any model without Hydra. Loading is strict: a checkpoint of another type, a newer
+format, missing or unexpected weights, wrong shapes or an unreadable file raise ``CheckpointError`` naming what is
+wrong.
+
+Usage::
+
+    @register("dit")
+    class DiTPolicy(PretrainedMixin, nn.Module):
+        def __init__(self, config: DiTConfig, sampler: DDIMConfig): ...
+        def init_kwargs(self): return {"config": self.config, "sampler": self.sampler.config}
+
+    policy.save_pretrained("runs/x/checkpoints/step_000100")
+    policy = DiTPolicy.from_pretrained("runs/x/checkpoints/last")     # or load_pretrained(path) for any type
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+MODELS: dict[str, type] = {}
+BUILTIN_MODEL_MODULES = ("policies.dit",)
+CONFIGS: dict[str, type] = {}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into the requested model (wrong type, keys, shapes, corrupt file)."""
+
+
+def register(name: str):
+    """Class decorator: make a PretrainedMixin model loadable by ``load_pretrained`` under ``name``."""
+
+    def wrap(cls: type) -> type:
+        if name in MODELS and MODELS[name] is not cls:
+            raise ValueError(f"model type {name!r} is already registered to {MODELS[name].__qualname__}")
+        MODELS[name] = cls
+        cls.type_name = name
+        return cls
+
+    return wrap
+
+
+def register_config(name: str):
+    """Class decorator for config dataclasses: serialised with ``"type": name`` so they can be rebuilt."""
+
+    def wrap(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"register_config({name!r}) needs a dataclass, got {cls.__qualname__}")
+        if name in CONFIGS and CONFIGS[name] is not cls:
+            raise ValueError(f"config type {name!r} is already registered to {CONFIGS[name].__qualname__}")
+        CONFIGS[name] = cls
+        cls.config_type = name
+        return cls
+
+    return wrap
+
+
+def config_to_dict(value: Any) -> Any:
+    """A registered config dataclass (possibly nested) as JSON-ready data, each dataclass tagged with its type."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = getattr(type(value), "config_type", None)
+        if name is None:
+            raise TypeError(f"{type(value).__qualname__} is not a registered config (use @register_config)")
+        out = {"type": name}
+        out.update({f.name: config_to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        return out
+    if isinstance(value, Mapping):
+        return {str(k): config_to_dict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [config_to_dict(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise TypeError(f"cannot serialise {type(value).__qualname__} in a config: {value!r}")
+
+
+def config_from_dict(data: Any) -> Any:
+    """Inverse of ``config_to_dict``: dicts with a registered ``type`` become config dataclasses (recursively).
+
+    Lists stay lists; each config's ``__post_init__`` turns its sequence fields into tuples.
+    """
+    if isinstance(data, Mapping):
+        if "type" in data and isinstance(data["type"], str) and data["type"] in CONFIGS:
+            cls = CONFIGS[data["type"]]
+            names = {f.name for f in dataclasses.fields(cls)}
+            kwargs = {k: config_from_dict(v) for k, v in data.items() if k != "type"}
+            unknown = sorted(set(kwargs) - names)
+            if unknown:
+                raise CheckpointError(f"config of type {data['type']!r} has fields {unknown} that "
+                                      f"{cls.__qualname__} does not know (a checkpoint from newer code?)")
+            return cls(**kwargs)
+        if "type" in data and isinstance(data["type"], str) and data["type"] not in CONFIGS:
+            raise CheckpointError(f"unknown config type {data['type']!r}; registered: {sorted(CONFIGS)} "
+                                  "(import the module that defines it first)")
+        return {k: config_from_dict(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [config_from_dict(v) for v in data]
+    return data
+
+
+def _read_config(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: {path} is not a ghil checkpoint (expected {CONFIG_FILE} + "
+                              f"{WEIGHTS_FILE})")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON (corrupted checkpoint?): {err}") from err
+    if not isinstance(meta, dict) or "type" not in meta or "init" not in meta:
+        raise CheckpointError(f"{file} lacks the 'type'/'init' fields of a ghil checkpoint config")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format_version {version!r}; this code reads versions <= {FORMAT_VERSION}")
+    return meta
+
+
+def read_weights(file: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; CheckpointError when it is missing or unreadable."""
+    from safetensors.torch import load_file
+
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types for truncated/garbled headers
+        raise CheckpointError(f"{file} is not a readable safetensors file (corrupted or truncated?): {err}") from err
+
+
+def write_weights(tensors: Mapping[str, Tensor], file: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors atomically (temp file + rename), detached, contiguous and on the CPU."""
+    from safetensors.torch import save_file
+
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp),
+              metadata=dict(metadata or {}))
+    os.replace(tmp, file)
+
+
+def load_state_strict(module: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names every missing, unexpected and mis-shaped key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(tensors)) if tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if missing or unexpected or shapes:
+        def short(items: list[str]) -> str:
+            return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {short(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {short(shapes)}")
+        raise CheckpointError(f"{source} does not fit {type(module).__qualname__} ({'; '.join(parts)}); was it "
+                              "saved from another architecture or config?")
+    module.load_state_dict(tensors, strict=True)
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``from_pretrained`` for a registered ``nn.Module`` built from config dataclasses.
+
+    Subclasses define ``init_kwargs()`` -> the constructor's keyword arguments (registered config dataclasses).
+    """
+
+    type_name: str = ""
+
+    def init_kwargs(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        if not self.type_name:
+            raise TypeError(f"{type(self).__qualname__} is not registered (decorate it with @register(name))")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"type": self.type_name, "format_version": FORMAT_VERSION,
+                "init": {k: config_to_dict(v) for k, v in self.init_kwargs().items()}}
+        tmp = path / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path / CONFIG_FILE)
+        assert isinstance(self, nn.Module)
+        write_weights(self.state_dict(), path / WEIGHTS_FILE, {"type": self.type_name,
+                                                               "format_version": str(FORMAT_VERSION)})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+        path = Path(path)
+        meta = _read_config(path)
+        if cls.type_name and meta["type"] != cls.type_name:
+            raise CheckpointError(f"{path} holds a {meta['type']!r} checkpoint, not {cls.type_name!r} "
+                                  f"({cls.__qualname__}); load it with ghil.checkpoint.load_pretrained")
+        target = cls if cls.type_name else _model_class(meta["type"], path)
+        try:
+            kwargs = {k: config_from_dict(v) for k, v in meta["init"].items()}
+            model = target(**kwargs)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / CONFIG_FILE} does not describe a valid {target.__qualname__}: "
+                                  f"{err}") from err
+        load_state_strict(model, read_weights(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE))
+        model.to(map_location)
+        model.eval()
+        return model
+
+
+def _model_class(name: str, path: Path) -> type:
+    if name not in MODELS:
+        raise CheckpointError(f"{path} holds a checkpoint of unknown type {name!r}; registered: {sorted(MODELS)} "
+                              "(import the module that defines it, e.g. policies.dit)")
+    return MODELS[name]
+
+
+def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """Load any registered model from a checkpoint folder, dispatching on its config.json ``type``."""
+    import importlib
+
+    for module in BUILTIN_MODEL_MODULES:  # registers the built-in model types
+        importlib.import_module(module)
+    meta = _read_config(Path(path))
+    return _model_class(meta["type"], Path(path)).from_pretrained(path, map_location)
