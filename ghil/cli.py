@@ -8,6 +8,7 @@ overridden on the command line and multirun (``-m``) works unchanged::
     ghil collect --cfg job                      # print the resolved config and exit
     ghil eval agent=expert eval.n_chains=100    # CALVIN evaluation (first 100 official chains)
     ghil eval merge outputs/eval/<run> out=outputs/eval/<run>/merged    # merge shards (plain argparse)
+    ghil train policy=dit_small sampler=shortcut data.root=data/playtable_play    # resumes when re-run
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ COMMANDS = {
     "demo": ("sim_eval.demo:run", "scripted-expert rollout on the embedded playtable, written as a video"),
     "collect": ("sim_eval.collect:run", "collect CALVIN-format demonstration data with the scripted expert"),
     "eval": ("sim_eval.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
+    "train": ("ghil.train:run", "train a low-level policy (policy=dit_small sampler=ddim|shortcut data.root=...)"),
 }
 
 # (command, subcommand) -> "module:function" taking the remaining argv; plain argparse programs, not Hydra apps.

@@ -1,0 +1,151 @@
+"""Training samples for action-chunk policies from a CALVIN-format split, and their statistics.
+
+A sample is the observation at frame f (each camera, proprioception), a goal image from the same play episode
+``goal_horizon`` steps ahead (``CalvinDataset``'s deterministic goal draw), the language annotation when the
+dataset is restricted to annotated windows, and the ``chunk_len`` actions starting at f. Chunks that run past the
+end of the episode are padded with the last action and masked out of the loss (``action_mask``).
+
+Per-episode vectors (actions, proprioception) are read once and cached: they are small, and a chunk needs 16+ of
+them per sample. Nothing here imports torch except ``collate_policy``.
+
+Usage::
+
+    ds = PolicyDataset(PolicyDataConfig(root="data/playtable_D"), cameras=("rgb_static",), goal_camera="rgb_static",
+                       action_key="rel_actions", chunk_len=16)
+    stats = compute_policy_stats(ds, keys=("robot_obs", "rel_actions"))     # -> policy.fit_normalizer(stats)
+    loader = DataLoader(ds, batch_size=32, collate_fn=collate_policy)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ghil.data.calvin_dataset import CalvinDataset
+from ghil.data.calvin_format import frame_file_name
+from ghil.normalizer import VectorStats
+
+
+@dataclass(frozen=True)
+class PolicyDataConfig:
+    """Where the data is and how goals are drawn; cameras, chunk length and action key come from the policy."""
+
+    root: str
+    split: str = "training"
+    goal_horizon: tuple[int, int] = (0, 24)  # goal frame drawn U{lo..hi} steps after the observation
+    lang_only: bool = False  # only annotated language windows (needed for language-conditioned policies)
+    proprio_key: str = "robot_obs"
+    seed: int = 0
+    max_stat_frames: int | None = 200_000  # frames (whole episodes, evenly spread) used for normaliser statistics
+
+    def __post_init__(self) -> None:
+        lo, hi = (int(v) for v in self.goal_horizon)
+        object.__setattr__(self, "goal_horizon", (lo, hi))
+        if not 0 <= lo <= hi:
+            raise ValueError(f"PolicyDataConfig.goal_horizon must be (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
+        if self.max_stat_frames is not None and self.max_stat_frames < 1:
+            raise ValueError("PolicyDataConfig.max_stat_frames must be None or positive")
+
+
+class PolicyDataset:
+    """Map-style dataset of (observation, goal, instruction, action chunk) samples as numpy dicts."""
+
+    def __init__(self, config: PolicyDataConfig, cameras: Sequence[str], goal_camera: str | None, action_key: str,
+                 chunk_len: int):
+        if chunk_len < 1:
+            raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+        self.config = config
+        self.cameras = tuple(cameras)
+        self.goal_camera = goal_camera
+        self.action_key = action_key
+        self.chunk_len = int(chunk_len)
+        self.frames = CalvinDataset(config.root, config.split, keys=(*self.cameras, config.proprio_key),
+                                    window_len=1, lang_only=config.lang_only,
+                                    goal_horizon=config.goal_horizon if goal_camera else None,
+                                    goal_keys=(goal_camera,) if goal_camera else (), seed=config.seed)
+        self._check_action_key()
+        self._vectors: dict[tuple[int, str], np.ndarray] = {}
+
+    def _check_action_key(self) -> None:
+        start = int(self.frames.episodes[0, 0])
+        with np.load(self.frames.split_dir / frame_file_name(start)) as npz:
+            if self.action_key not in npz.files:
+                raise KeyError(f"action key {self.action_key!r} is not stored in {self.frames.split_dir} (frames have "
+                               f"{sorted(npz.files)}); joint_actions exist only in ghil-collected data")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw a fresh (deterministic) set of goal frames."""
+        self.frames.set_epoch(epoch)
+
+    def episode_vectors(self, row: int, key: str) -> np.ndarray:
+        """(n_frames, d) float32 values of ``key`` over episode ``row`` (cached)."""
+        cache_key = (int(row), key)
+        if cache_key not in self._vectors:
+            start, end = (int(v) for v in self.frames.episodes[row])
+            values = []
+            for frame in range(start, end + 1):
+                with np.load(self.frames.split_dir / frame_file_name(frame)) as npz:
+                    values.append(np.asarray(npz[key], dtype=np.float32))
+            self._vectors[cache_key] = np.stack(values)
+        return self._vectors[cache_key]
+
+    def __getitem__(self, idx: int) -> dict[str, object]:
+        frame = self.frames[idx]
+        row = int(frame["episode_row"])
+        start = int(self.frames.episodes[row, 0])
+        f = int(frame["frame_ids"][0]) - start
+        actions = self.episode_vectors(row, self.action_key)
+        chunk = actions[f:f + self.chunk_len]
+        n_valid = len(chunk)
+        if n_valid < self.chunk_len:  # past the episode's end: repeat the last action, masked out of the loss
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.chunk_len - n_valid, axis=0)])
+        sample: dict[str, object] = {
+            "images": {cam: frame[cam][0] for cam in self.cameras},
+            "proprio": np.asarray(frame[self.config.proprio_key][0], dtype=np.float32),
+            "actions": chunk.astype(np.float32),
+            "action_mask": np.arange(self.chunk_len) < n_valid,
+            "goal": frame[f"goal_{self.goal_camera}"] if self.goal_camera else None,
+            "instruction": frame.get("ann"),
+        }
+        return sample
+
+
+def compute_policy_stats(dataset: PolicyDataset, keys: Sequence[str]) -> dict[str, VectorStats]:
+    """Per-dimension statistics of vector ``keys`` over whole episodes, evenly spread up to max_stat_frames."""
+    episodes = dataset.frames.episodes
+    lengths = episodes[:, 1] - episodes[:, 0] + 1
+    budget = dataset.config.max_stat_frames
+    order = np.arange(len(episodes))
+    if budget is not None and lengths.sum() > budget:
+        order = np.random.default_rng(dataset.config.seed).permutation(len(episodes))
+        keep = np.cumsum(lengths[order]) <= budget
+        keep[0] = True
+        order = np.sort(order[keep])
+    return {key: VectorStats.of(np.concatenate([dataset.episode_vectors(int(r), key) for r in order]))
+            for key in keys}
+
+
+def collate_policy(samples: Sequence[dict]):
+    """A list of PolicyDataset samples -> ``ghil.types.PolicyBatch`` (torch tensors, uint8 images)."""
+    import torch
+
+    from ghil.types import PolicyBatch
+
+    cameras = samples[0]["images"].keys()
+    goal = None
+    if samples[0]["goal"] is not None:
+        goal = torch.from_numpy(np.stack([s["goal"] for s in samples]))
+    instructions = tuple(s["instruction"] for s in samples)
+    return PolicyBatch(
+        images={cam: torch.from_numpy(np.stack([s["images"][cam] for s in samples])) for cam in cameras},
+        proprio=torch.from_numpy(np.stack([s["proprio"] for s in samples])),
+        actions=torch.from_numpy(np.stack([s["actions"] for s in samples])),
+        action_mask=torch.from_numpy(np.stack([s["action_mask"] for s in samples])),
+        goal=goal,
+        instructions=instructions if any(i is not None for i in instructions) else None,
+    )

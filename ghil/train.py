@@ -1,0 +1,482 @@
+"""One ``Trainer`` for every ``Learnable`` (policy now; subgoal generator, filter, reasoner head later), and the
+``ghil train`` entry point.
+
+The loop: AdamW, linear warm-up then cosine decay (transformers' schedule), gradient clipping, an EMA copy of the
+weights, accelerate for devices / mixed precision / multi-GPU (``accelerate launch -m ghil.cli train ...`` runs
+unchanged), a tqdm bar, TensorBoard + JSONL logs, and periodic checkpoints::
+
+    <out_dir>/config.yaml, run.json                  resolved config, git commit, command line
+    <out_dir>/metrics.jsonl, tensorboard/            train/loss, train/lr, train/samples_per_s, ...
+    <out_dir>/checkpoints/step_0000500/              config.json + model.safetensors (EMA weights: what ships)
+        training_state/                              model.safetensors (raw weights), optimizer.safetensors +
+                                                     optimizer.json, scheduler.json, rng_<rank>.safetensors,
+                                                     step.json
+    <out_dir>/checkpoints/last -> step_0000500
+
+Resume is exact: the data order is a pure function of (seed, step) (a seeded permutation per epoch, sharded over
+processes), and the optimiser, scheduler, EMA and every torch RNG are restored, so killing a run and starting it
+again with the same command continues bit for bit. Nothing is pickled.
+
+Usage::
+
+    ghil train policy=dit_small sampler=shortcut data.root=data/playtable_D train.total_steps=20000
+    trainer = Trainer(policy, dataset, TrainConfig(out_dir="runs/x", total_steps=100), collate_fn=collate_policy)
+    trainer.fit()
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ghil.checkpoint import CheckpointError, load_state_strict, read_weights, write_weights
+from ghil.interfaces import Learnable, Logger
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LAST = "last"
+STATE = "training_state"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping settings (DiT-Block defaults: AdamW 3e-4, betas (0.95, 0.999), wd 1e-6)."""
+
+    out_dir: str
+    total_steps: int = 1000
+    batch_size: int = 32  # per process; the global batch is batch_size * processes
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 1e-6
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (0: transformers' cosine schedule)
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = 0.999  # None: no EMA (checkpoints then ship the raw weights)
+    ckpt_every: int = 500
+    keep_last: int | None = 3  # older step_* folders are deleted (None keeps all)
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
+    resume: bool = True  # continue from <out_dir>/checkpoints/last when it exists
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.total_steps < 1 or self.batch_size < 1:
+            raise ValueError("TrainConfig: total_steps and batch_size must be >= 1")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"TrainConfig.warmup_steps must be in [0, total_steps], got {self.warmup_steps}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("TrainConfig: lr > 0 and 0 <= min_lr_ratio <= 1 required")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must be None or in (0, 1), got {self.ema_decay}")
+        if self.ckpt_every < 1 or self.log_every < 1 or (self.keep_last is not None and self.keep_last < 1):
+            raise ValueError("TrainConfig: ckpt_every, log_every and keep_last must be >= 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"TrainConfig.mixed_precision must be no|fp16|bf16, got {self.mixed_precision!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError("TrainConfig.grad_clip must be None or > 0")
+
+
+# -- logging ----------------------------------------------------------------------------------------------------
+
+
+class JsonlLogger:
+    """One JSON object per ``log`` call, appended to a file (resumed runs keep appending)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardLogger:
+    def __init__(self, log_dir: str | os.PathLike):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, float(value), int(step))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# -- pieces of the loop -----------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers are copied), with DiT-style warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+
+class _LossModule(nn.Module):
+    """Puts ``learnable.loss`` behind ``forward`` so DDP's gradient hooks see the call."""
+
+    def __init__(self, learnable: nn.Module):
+        super().__init__()
+        self.learnable = learnable
+
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        return self.learnable.loss(batch)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Indices for this process from a seeded permutation per epoch, starting at a given batch of an epoch."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.global_batch = batch_size * world
+        self.batches_per_epoch = n // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {n} samples, fewer than one global batch of {self.global_batch}")
+        self.epoch, self.first_batch = 0, 0
+
+    def set_position(self, epoch: int, first_batch: int) -> None:
+        self.epoch, self.first_batch = epoch, first_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        for b in range(self.first_batch, self.batches_per_epoch):
+            rows = perm[b * self.global_batch:(b + 1) * self.global_batch]
+            yield from rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.first_batch) * self.batch_size
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    write_weights(tensors, folder / "optimizer.safetensors")
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    tensors = read_weights(folder / "optimizer.safetensors")
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_state() -> dict[str, Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda_{i}"] = s
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [state[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in state]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """``<out_dir>/checkpoints/last`` resolved, or None for a fresh run."""
+    last = Path(out_dir) / CHECKPOINTS / LAST
+    return last.resolve() if last.exists() else None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# -- the trainer ------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Optimises any ``Learnable`` nn.Module on a map-style dataset; resumes exactly from its last checkpoint.
+
+    Usage::
+
+        trainer = Trainer(policy, dataset, TrainConfig(out_dir="runs/dit", total_steps=20000), collate_policy)
+        trainer.fit()                    # or fit(stop_at=500) to stop early (the schedule still spans total_steps)
+    """
+
+    def __init__(self, model: nn.Module, dataset: Any, config: TrainConfig, collate_fn: Callable[[list], Any],
+                 run_config: Mapping[str, Any] | None = None, loggers: Sequence[Logger] | None = None):
+        from accelerate import Accelerator
+        from transformers import get_cosine_schedule_with_warmup
+
+        if not isinstance(model, Learnable) or not isinstance(model, nn.Module):
+            raise TypeError(f"Trainer needs an nn.Module with loss(batch) and save_pretrained(path); got "
+                            f"{type(model).__qualname__}")
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        self.model = model.to(self.accelerator.device)
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.step = 0
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
+        if self.ema is not None and hasattr(model, "attach_ema"):
+            model.attach_ema(self.ema.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                      weight_decay=config.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.total_steps)
+        if config.min_lr_ratio > 0:  # floor the cosine at min_lr_ratio
+            base = self.scheduler.lr_lambdas[0]
+            floor = config.min_lr_ratio
+            self.scheduler.lr_lambdas[0] = lambda s: floor + (1 - floor) * base(s) if s >= config.warmup_steps \
+                else base(s)
+        # The scheduler is stepped by hand once per optimiser step, so it is not handed to accelerate (which would
+        # step it once per process).
+        self.loss_module, self.optimizer = self.accelerator.prepare(_LossModule(self.model), optimizer)
+        self.sampler = StepSampler(len(dataset), config.batch_size, self.accelerator.process_index,
+                                   self.accelerator.num_processes, config.seed)
+        self.run_config = dict(run_config or {})
+        self.loggers = list(loggers) if loggers is not None else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_<step>`` (atomically, via a temp folder) and move ``last`` to it."""
+        root = self.out_dir / CHECKPOINTS
+        final = root / f"step_{self.step:07d}"
+        tmp = root / f".tmp_step_{self.step:07d}"
+        rank = self.accelerator.process_index
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / STATE).mkdir(parents=True)
+            shipped = self.ema.model if self.ema is not None else self.model
+            shipped.save_pretrained(tmp)
+            write_weights(self.model.state_dict(), tmp / STATE / "model.safetensors")
+            _optimizer_to_files(self.optimizer, tmp / STATE)
+            (tmp / STATE / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict(), default=lambda o: None))
+            (tmp / STATE / "step.json").write_text(json.dumps({"step": self.step, "total_steps":
+                                                               self.config.total_steps, "seed": self.config.seed,
+                                                               "num_processes": self.accelerator.num_processes}))
+        self.accelerator.wait_for_everyone()
+        write_weights(_rng_state(), tmp / STATE / f"rng_{rank}.safetensors")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            link = root / f".{LAST}.tmp"
+            link.unlink(missing_ok=True)
+            link.symlink_to(final.name)
+            os.replace(link, root / LAST)
+            self._prune(root)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _prune(self, root: Path) -> None:
+        if self.config.keep_last is None:
+            return
+        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+        for old in steps[:-self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = path / STATE
+        if not state.is_dir():
+            raise CheckpointError(f"{path} has no {STATE}/ folder: it can be loaded for inference but not resumed")
+        info = json.loads((state / "step.json").read_text())
+        if info.get("num_processes") != self.accelerator.num_processes:
+            raise CheckpointError(f"{path} was written by {info.get('num_processes')} process(es), this run has "
+                                  f"{self.accelerator.num_processes}: exact resume needs the same number")
+        if info.get("total_steps") != self.config.total_steps or info.get("seed") != self.config.seed:
+            log.warning("resuming %s with total_steps/seed %s/%s (checkpoint: %s/%s): not an exact continuation",
+                        path, self.config.total_steps, self.config.seed, info.get("total_steps"), info.get("seed"))
+        load_state_strict(self.model, read_weights(state / "model.safetensors"), str(state / "model.safetensors"))
+        if self.ema is not None:
+            load_state_strict(self.ema.model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"))
+        _optimizer_from_files(self.optimizer, state)
+        sched = json.loads((state / "scheduler.json").read_text())
+        sched.pop("lr_lambdas", None)
+        self.scheduler.__dict__.update(sched)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        _set_rng_state(read_weights(state / f"rng_{self.accelerator.process_index}.safetensors"))
+        self.step = int(info["step"])
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[Any]:
+        """Batches from the current step on; the order depends only on (seed, step)."""
+        per_epoch = self.sampler.batches_per_epoch
+        epoch, first = divmod(self.step, per_epoch)
+        while True:
+            self.sampler.set_position(epoch, first)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.config.batch_size, sampler=self.sampler, drop_last=True,
+                collate_fn=self.collate_fn, num_workers=self.config.num_workers,
+                generator=torch.Generator(),  # keeps DataLoader from drawing on the global RNG
+                pin_memory=self.accelerator.device.type == "cuda")
+            for batch in loader:
+                yield batch.to(self.accelerator.device) if hasattr(batch, "to") else batch
+            epoch, first = epoch + 1, 0
+
+    def _write_run_files(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        run = {"git_commit": git_commit(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "train": asdict(self.config), "num_processes": self.accelerator.num_processes,
+               "device": str(self.accelerator.device), "torch": torch.__version__}
+        runs = self.out_dir / "run.json"
+        history = json.loads(runs.read_text())["history"] if runs.exists() else []
+        (self.out_dir / "run.json").write_text(json.dumps({**run, "history": [*history, run["started"]]}, indent=2,
+                                                          default=str))
+        if self.run_config:
+            import yaml
+
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+
+    def fit(self, stop_at: int | None = None) -> dict[str, float]:
+        """Train until ``total_steps`` (or ``stop_at``), resuming from the last checkpoint when allowed."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        last = latest_checkpoint(self.out_dir) if cfg.resume else None
+        if last is not None:
+            self.load_checkpoint(last)
+            if self.is_main:
+                log.info("resumed from %s at step %d", last, self.step)
+        else:
+            torch.manual_seed(cfg.seed + self.accelerator.process_index)
+        end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
+        loggers: list[Logger] = []
+        if self.is_main:
+            self._write_run_files()
+            loggers = self.loggers if self.loggers is not None else [JsonlLogger(self.out_dir / "metrics.jsonl")] + (
+                [TensorBoardLogger(self.out_dir / "tensorboard")] if cfg.tensorboard else [])
+        bar = tqdm(total=end, initial=self.step, disable=not (self.is_main and cfg.progress), desc="train",
+                   dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        n_logged, t_last, last_metrics = 0, time.perf_counter(), {}
+        batches = self._batches()
+        self.loss_module.train()
+        try:
+            while self.step < end:
+                batch = next(batches)
+                with self.accelerator.autocast():
+                    loss, metrics = self.loss_module(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
+                self.accelerator.backward(loss)
+                if cfg.grad_clip is not None:
+                    metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                                                  cfg.grad_clip))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model, self.step)
+                self.step += 1
+                bar.update(1)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_logged += 1
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    now = time.perf_counter()
+                    last_metrics = {f"train/{k}": v / n_logged for k, v in sums.items()}
+                    last_metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                    last_metrics["train/samples_per_s"] = (n_logged * cfg.batch_size * self.accelerator.num_processes
+                                                           / max(now - t_last, 1e-9))
+                    for logger in loggers:
+                        logger.log(self.step, last_metrics)
+                    bar.set_postfix(loss=f"{last_metrics.get('train/loss', math.nan):.4f}")
+                    sums, n_logged, t_last = {}, 0, now
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            for logger in loggers:
+                logger.close()
+        return last_metrics
+
+
+# -- `ghil train` -----------------------------------------------------------------------------------------------
+
+
+def run(cfg) -> Path:
+    """Hydra entry (``ghil train``): build the policy and dataset from the config, fit statistics, train."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from ghil.data.policy_dataset import PolicyDataConfig, PolicyDataset, collate_policy, compute_policy_stats
+
+    torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
+    container = OmegaConf.to_container(cfg, resolve=True)
+    train_cfg = TrainConfig(**container["train"])
+    policy = instantiate(cfg.policy, _convert_="all")
+    pc = policy.config
+    data = PolicyDataConfig(**container["data"])
+    if pc.use_language and not data.lang_only:
+        log.warning("language-conditioned policy trained on all windows: unannotated samples get the no-language token")
+    dataset = PolicyDataset(data, cameras=pc.cameras, goal_camera=pc.goal_camera if pc.use_goal else None,
+                            action_key=policy.space.dataset_key, chunk_len=pc.chunk_len)
+    if latest_checkpoint(train_cfg.out_dir) is None or not train_cfg.resume:
+        stats = compute_policy_stats(dataset, keys=(data.proprio_key, policy.space.dataset_key))
+        policy.fit_normalizer({"robot_obs" if k == data.proprio_key else k: v for k, v in stats.items()})
+    trainer = Trainer(policy, dataset, train_cfg, collate_fn=collate_policy, run_config=container)
+    trainer.fit(stop_at=cfg.get("stop_at"))
+    return Path(train_cfg.out_dir)
