@@ -80,6 +80,11 @@ class EvalSettings:
     video_fps: int = 30
     overwrite: bool = False  # discard an existing results folder instead of resuming it
     agent_errors: str = "record"  # record: an exception in agent.step fails that subtask (agent_error); raise: stop
+    # Build a new env for every chain. calvin_env's reset keeps pybullet's contact caches and solver warm starts,
+    # so there a chain's outcome depends (slightly) on the chains run before it in the same env, i.e. on the worker
+    # count and sharding; a fresh env makes each record a function of the chain alone (~0.5 s extra per chain).
+    # The playtable already resets history-free, so it needs no rebuild.
+    fresh_env_per_chain: bool = False
 
     def __post_init__(self) -> None:
         def is_int(v) -> bool:
@@ -140,7 +145,7 @@ class EvalSettings:
     def protocol(self) -> dict:
         """The settings that change results (fingerprinted); workers, sharding, videos and paths do not."""
         return {"n_chains": self.n_chains, "chain_start": self.chain_start, "mode": self.mode,
-                "ep_len": self.ep_len, "seed": self.seed}
+                "ep_len": self.ep_len, "seed": self.seed, "fresh_env_per_chain": self.fresh_env_per_chain}
 
 
 @dataclass
@@ -410,12 +415,18 @@ class ChainRunner:
 
         cfg = OmegaConf.create(config)
         self.settings, self.run_dir = settings, Path(run_dir)
-        self.env = instantiate(cfg.env)
+        self._make_env = lambda: instantiate(cfg.env)
+        self.env = self._make_env()
         self.agent = build_agent(cfg.agent)
         self.oracle = build_oracle(self.env)
         self._official = load_official_chains()
+        self._n_run = 0
 
     def run(self, index: int) -> ChainRecord:
+        if self.settings.fresh_env_per_chain and self._n_run > 0:
+            self.close()
+            self.env = self._make_env()
+        self._n_run += 1
         state, tasks = self._official[index]
         chain = Chain(index, state, tasks)
         seed = chain_seed(self.settings.seed, index)

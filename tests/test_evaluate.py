@@ -365,3 +365,20 @@ def test_every_agent_and_env_option_composes_and_imports(tmp_path, agent, env):
     get_class(cfg.agent._target_)
     get_class(cfg.env._target_)  # the calvin bridge imports without calvin_env (it loads it lazily)
     evaluate.EvalSettings.from_config(cfg.eval)
+
+
+def test_fresh_env_per_chain_rebuilds_the_env_and_is_fingerprinted(tmp_path, monkeypatch):
+    built = []
+    original = evaluate.ChainRunner.__init__
+
+    def counting_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        make = self._make_env
+        self._make_env = lambda: built.append(1) or make()
+
+    monkeypatch.setattr(evaluate.ChainRunner, "__init__", counting_init)
+    fresh = run(tmp_path / "fresh", *FAST, "eval.n_chains=3", "eval.fresh_env_per_chain=true")
+    assert len(built) == 2  # chains 1 and 2 get a new env; chain 0 uses the one built at start
+    kept = run(tmp_path / "kept", *FAST, "eval.n_chains=3")
+    assert outcomes(fresh.records) == outcomes(kept.records)  # the playtable resets history-free anyway
+    assert fresh.results["fingerprint"] != kept.results["fingerprint"]
