@@ -24,7 +24,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # command -> "module:function" taking the composed DictConfig; imported lazily so `ghil --help` stays fast.
 COMMANDS = {
-    "demo": ("sim_eval.demo:run", "scripted-expert rollout on the embedded playtable, written as a video"),
+    "demo": ("sim_eval.evaluate:run", "scripted expert on the first official chains, with videos (outputs/demo)"),
     "collect": ("sim_eval.collect:run", "collect CALVIN-format demonstration data with the scripted expert"),
     "eval": ("sim_eval.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
     "train": ("ghil.train:run", "train a low-level policy (policy=dit_small sampler=ddim|shortcut data.root=...)"),
