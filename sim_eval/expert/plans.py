@@ -265,11 +265,21 @@ def grasp_pose(block: Block, turn_after: float = 0.0) -> tuple[float, np.ndarray
     fits = [t for t in turns if all(WRIST_TURN_RANGE[0] <= t + d <= WRIST_TURN_RANGE[1] for d in (0.0, turn_after))]
 
     def cost(turn: float) -> float:
-        yaw = NEUTRAL_YAW + turn
-        lean_dir = lean / max(np.linalg.norm(lean), 1e-9)
-        pads_tilt = abs(np.cos(yaw) * lean_dir[1] - np.sin(yaw) * lean_dir[0])  # 0: leaning along the hand's x
-        return abs(turn) + (2.0 * pads_tilt if lean.any() else 0.0)
-    return NEUTRAL_YAW + min(fits or turns, key=cost), lean
+        return abs(turn) + (2.0 * _pads_tilt(NEUTRAL_YAW + turn, lean) if lean.any() else 0.0)
+    turn = min(fits or turns, key=cost)
+    tilted = lean.any() and _pads_tilt(NEUTRAL_YAW + turn, lean) > 0.5
+    if turn_after and tilted and block.pos[1] < layout.DESK_CABINET_Y:
+        # Leaning across the finger pads drops one fingertip 2 cm below the other, onto the desk beside the block (it
+        # pushes a long block lying along y off the desk's right edge). A block to turn is lifted only 3 cm, which a
+        # vertical hand still reaches at the far right of the desk.
+        lean = NO_LEAN
+    return NEUTRAL_YAW + turn, lean
+
+
+def _pads_tilt(yaw: float, lean: np.ndarray) -> float:
+    """0 when the hand at ``yaw`` leans along its x (the finger pads stay vertical), 1 when across the pads."""
+    lean_dir = lean / max(np.linalg.norm(lean), 1e-9)
+    return float(abs(np.cos(yaw) * lean_dir[1] - np.sin(yaw) * lean_dir[0]))
 
 
 def hand_heading(robot: RobotState) -> float:
@@ -619,23 +629,35 @@ def push_plan(block_name: str, right: bool) -> list[Phase]:
 
 
 def push_into_drawer_plan() -> list[Phase]:
-    chosen = {}
+    chosen: dict = {}
 
     def name(s):
         if "name" not in chosen:
             chosen["name"] = push_into_drawer_candidate(s)
         return chosen["name"]
 
-    direction = np.array([0.0, -1.0])
+    def direction(s):
+        # Pushed straight towards the robot, a block near a side wall drops in against it (often tipped), where the
+        # fingers cannot get round it to lift it again: the push slants towards the drawer's centre line so the
+        # block lands clear of the walls. Fixed at the start of the push.
+        if "direction" not in chosen:
+            b = s.blocks[name(s)]
+            half_x = b.half_extent_along(np.array([1.0, 0.0]))
+            land_x = float(np.clip(b.pos[0], DRAWER_INNER_X[0] + half_x + PUSH_WALL_ROOM_M,
+                                   DRAWER_INNER_X[1] - half_x - PUSH_WALL_ROOM_M))
+            d = np.array([land_x - b.pos[0], layout.DESK_FRONT_Y - 0.04 - b.pos[1]])
+            chosen["direction"] = d / np.linalg.norm(d)
+        return chosen["direction"]
 
     def behind(r, s, back=0.03):
-        b = s.blocks[name(s)]
-        xy = b.pos[:2] - direction * (b.half_extent_along(direction) + 0.012 + back)
+        b, d = s.blocks[name(s)], direction(s)
+        xy = b.pos[:2] - d * (b.half_extent_along(d) + 0.012 + back)
         return np.array([*xy, _tcp_for_tips(layout.DESK_TOP_Z + 0.008)])
 
     def through(r, s):
-        b = s.blocks[name(s)]
-        return np.array([b.pos[0], layout.DESK_FRONT_Y - 0.03, _tcp_for_tips(layout.DESK_TOP_Z + 0.008)])
+        b, d = s.blocks[name(s)], direction(s)
+        xy = b.pos[:2] + d * (b.pos[1] - (layout.DESK_FRONT_Y - 0.03)) / abs(d[1])
+        return np.array([*xy, _tcp_for_tips(layout.DESK_TOP_Z + 0.008)])
     yaw = NEUTRAL_YAW
     return [
         Phase("reach behind block", lambda r, s: Goal(behind(r, s) + [0, 0, 0.1], yaw, CLOSE, tol_m=0.015)),
@@ -644,6 +666,9 @@ def push_into_drawer_plan() -> list[Phase]:
               done=lambda r, s, n: s.blocks[name(s)].pos[2] < layout.DESK_TOP_Z - 0.02, max_steps=90),
         _lift_to_safe(OPEN, "retreat"),
     ]
+
+
+PUSH_WALL_ROOM_M = 0.07  # where push_into_drawer aims a block: this far between its side and a drawer wall
 
 
 # ---------------------------------------------------------------------------------------------------------------
