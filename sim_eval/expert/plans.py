@@ -511,13 +511,15 @@ def stack_plan() -> list[Phase]:
 
 
 def _stack_base(s: SceneState, held: str | None) -> Block:
-    # The lowest block on the table other than the held one, nearest the desk centre.
-    candidates = [b for n, b in s.blocks.items() if n != held and on_table(b)]
+    # A block on the table other than the held one, nearest the desk centre. An evaluation chain can ask for a
+    # stack when none is on the table (an earlier subtask went astray): then try the nearest other block anyway.
+    others = [b for n, b in s.blocks.items() if n != held]
+    candidates = [b for b in others if on_table(b)] or others
     return min(candidates, key=lambda b: abs(b.pos[0] - 0.15) + abs(b.pos[1] + 0.09))
 
 
 def unstack_plan() -> list[Phase]:
-    grasp = _Grasp(stacked_top)
+    grasp = _Grasp(_unstack_target)
 
     def free_spot(r, s):
         b = grasp.block(s)
@@ -633,7 +635,7 @@ def push_into_drawer_plan() -> list[Phase]:
 
     def name(s):
         if "name" not in chosen:
-            chosen["name"] = push_into_drawer_candidate(s)
+            chosen["name"] = _push_into_drawer_target(s)
         return chosen["name"]
 
     def direction(s):
@@ -655,20 +657,24 @@ def push_into_drawer_plan() -> list[Phase]:
         return np.array([*xy, _tcp_for_tips(layout.DESK_TOP_Z + 0.008)])
 
     def through(r, s):
+        # Follow the block well past the desk edge: a block that only just tips over it can come to rest on the
+        # drawer's back wall instead of its bottom (and the oracle wants it on the bottom).
         b, d = s.blocks[name(s)], direction(s)
-        xy = b.pos[:2] + d * (b.pos[1] - (layout.DESK_FRONT_Y - 0.03)) / abs(d[1])
+        xy = b.pos[:2] + d * (b.pos[1] - (layout.DESK_FRONT_Y - PUSH_PAST_EDGE_M)) / abs(d[1])
         return np.array([*xy, _tcp_for_tips(layout.DESK_TOP_Z + 0.008)])
     yaw = NEUTRAL_YAW
     return [
         Phase("reach behind block", lambda r, s: Goal(behind(r, s) + [0, 0, 0.1], yaw, CLOSE, tol_m=0.015)),
         Phase("lower behind block", lambda r, s: Goal(behind(r, s), yaw, CLOSE, speed=0.5, tol_m=0.008)),
         Phase("push into drawer", lambda r, s: Goal(through(r, s), yaw, CLOSE, speed=0.35),
-              done=lambda r, s, n: s.blocks[name(s)].pos[2] < layout.DESK_TOP_Z - 0.02, max_steps=90),
+              done=lambda r, s, n: s.blocks[name(s)].pos[2] < DRAWER_RIM_Z - 0.01, max_steps=90),
         _lift_to_safe(OPEN, "retreat"),
     ]
 
 
-PUSH_WALL_ROOM_M = 0.07  # where push_into_drawer aims a block: this far between its side and a drawer wall
+PUSH_WALL_ROOM_M = 0.07
+PUSH_PAST_EDGE_M = 0.09  # how far beyond the desk's front edge the push follows the block
+DRAWER_RIM_Z = 0.401  # top of the drawer's walls  # where push_into_drawer aims a block: this far between its side and a drawer wall
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -710,6 +716,18 @@ def stacked_top(s: SceneState) -> str | None:
             if n != m and b.pos[2] > c.pos[2] + 0.03 and np.linalg.norm(b.pos[:2] - c.pos[:2]) < 0.05:
                 return n
     return None
+
+
+def _unstack_target(s: SceneState) -> str:
+    # The top block of a stack; without a stack (an earlier subtask went astray) the highest block.
+    return stacked_top(s) or max(s.blocks, key=lambda n: s.blocks[n].pos[2])
+
+
+def _push_into_drawer_target(s: SceneState) -> str:
+    # The block the plan pushes: the feasible candidate, else (an evaluation chain may ask regardless) the block
+    # nearest the drawer's centre line.
+    return push_into_drawer_candidate(s) or min(
+        s.blocks, key=lambda n: np.linalg.norm(s.blocks[n].pos[:2] - [np.mean(DRAWER_INNER_X), -0.1]))
 
 
 def push_into_drawer_candidate(s: SceneState) -> str | None:
