@@ -10,8 +10,15 @@ from sim_eval.tasks import check_task_name
 
 
 def plan_for(task: str) -> list[Phase]:
-    """The phase list that solves ``task`` (one of the 34 CALVIN task names)."""
+    """The phase list that solves ``task`` (one of the 34 CALVIN task names). Tasks that start with a block in
+    hand begin by carrying it off; the others first get clear of where the previous task left the hand."""
     check_task_name(task)
+    if task in ("place_in_slider", "place_in_drawer", "stack_block"):
+        return _task_plan(task)
+    return [*plans.depart(), *_task_plan(task)]
+
+
+def _task_plan(task: str) -> list[Phase]:
     words = task.split("_")
     if task in ("open_drawer", "close_drawer"):
         return plans.drawer_plan(open_=task == "open_drawer")

@@ -121,6 +121,32 @@ def _leave_cabinet(gripper: float, name: str) -> list[Phase]:
     ]
 
 
+def depart() -> list[Phase]:
+    """Get clear of whatever the previous task left the hand next to (a door grip, the switch, the cabinet) before
+    heading for a new target: the evaluation starts the next subtask the moment the oracle fires, and a straight
+    move from there can sweep through the desk's fixtures. Back out towards the robot, then rise; both phases end
+    at once when the hand is already clear. The gripper keeps its last command."""
+    memo: dict = {}
+
+    def gripper(r: RobotState) -> float:
+        return memo.setdefault("gripper", OPEN if r.gripper_action > 0 else CLOSE)
+
+    def near_fixtures(r: RobotState) -> bool:
+        return memo.setdefault("near", bool(r.tcp_pos[1] > -0.06 and r.tcp_pos[2] < SAFE_Z - 0.03))
+
+    def back(r, s):
+        start = memo.setdefault("start", r.tcp_pos.copy())
+        roll, pitch, yaw = r.tcp_euler
+        return Goal(np.array([start[0], -0.10, start[2]]), float(yaw), gripper(r), speed=0.6, tol_m=0.02,
+                    roll=float(roll), pitch=float(pitch))
+    return [
+        Phase("back away", back, done=lambda r, s, n: not near_fixtures(r) or r.tcp_pos[1] < -0.08, max_steps=40),
+        Phase("rise", lambda r, s: Goal(np.array([r.tcp_pos[0], r.tcp_pos[1], SAFE_Z]), float(r.tcp_euler[2]),
+                                        gripper(r), tol_m=0.02),
+              done=lambda r, s, n: not near_fixtures(r) or r.tcp_pos[2] > SAFE_Z - 0.03, max_steps=40),
+    ]
+
+
 def _wait(name: str, n_steps: int, gripper: float) -> Phase:
     # Hold the tcp where it is, leaning as it does, while the gripper closes or opens.
     def goal(r: RobotState, s: SceneState) -> Goal:
