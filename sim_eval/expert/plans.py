@@ -131,8 +131,11 @@ def depart() -> list[Phase]:
     def gripper(r: RobotState) -> float:
         return memo.setdefault("gripper", OPEN if r.gripper_action > 0 else CLOSE)
 
-    def near_fixtures(r: RobotState) -> bool:
-        return memo.setdefault("near", bool(r.tcp_pos[1] > -0.06 and r.tcp_pos[2] < SAFE_Z - 0.03))
+    def in_front_of_cabinet(r: RobotState) -> bool:  # the door grip, the switch and the shelf are all here
+        return memo.setdefault("cabinet", bool(r.tcp_pos[1] > -0.06))
+
+    def low(r: RobotState) -> bool:  # e.g. hooked in the drawer handle, or beside a block it pushed
+        return memo.setdefault("low", bool(r.tcp_pos[2] < SAFE_Z - 0.03))
 
     def back(r, s):
         start = memo.setdefault("start", r.tcp_pos.copy())
@@ -140,10 +143,12 @@ def depart() -> list[Phase]:
         return Goal(np.array([start[0], -0.10, start[2]]), float(yaw), gripper(r), speed=0.6, tol_m=0.02,
                     roll=float(roll), pitch=float(pitch))
     return [
-        Phase("back away", back, done=lambda r, s, n: not near_fixtures(r) or r.tcp_pos[1] < -0.08, max_steps=40),
+        Phase("back away", back, done=lambda r, s, n: not in_front_of_cabinet(r) or r.tcp_pos[1] < -0.08,
+              max_steps=40),
         Phase("rise", lambda r, s: Goal(np.array([r.tcp_pos[0], r.tcp_pos[1], SAFE_Z]), float(r.tcp_euler[2]),
                                         gripper(r), tol_m=0.02),
-              done=lambda r, s, n: not near_fixtures(r) or r.tcp_pos[2] > SAFE_Z - 0.03, max_steps=40),
+              done=lambda r, s, n: not (low(r) or in_front_of_cabinet(r)) or r.tcp_pos[2] > SAFE_Z - 0.03,
+              max_steps=40),
     ]
 
 
