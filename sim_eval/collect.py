@@ -78,6 +78,9 @@ class EpisodeRoller:
 
     def __init__(self, env_cfg: dict, settings: CollectSettings):
         self.env = instantiate(OmegaConf.create(env_cfg))
+        if not hasattr(getattr(self.env, "robot", None), "ik") or "static" not in getattr(self.env, "cameras", {}):
+            raise ValueError(f"ghil collect needs the playtable with its static camera (env=playtable): it records "
+                             f"the commanded joint targets through the playtable's IK; got {env_cfg.get('_target_')}")
         self.settings = settings
         self.expert, self.oracle = ScriptedExpert(), TaskOracle()
         self.states = enumerate_symbolic_states()

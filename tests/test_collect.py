@@ -84,3 +84,8 @@ def test_bad_settings_and_unwritable_folder(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(Exception, match="writ|exist|folder|directory"):
         collect(blocker / "data", 1)
+
+
+def test_collection_needs_the_playtable_with_a_static_camera(tmp_path):
+    with pytest.raises(ValueError, match="static camera"):
+        collect(tmp_path / "z", 1, "env.cameras=[gripper]")
