@@ -47,13 +47,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded into the requested model (wrong type, keys, shapes, corrupt file)."""
 
 
+def _add_to_registry(table: dict[str, type], kind: str, name: str, cls: type) -> None:
+    if name in table and table[name] is not cls:
+        raise ValueError(f"{kind} type {name!r} is already registered to {table[name].__qualname__}")
+    table[name] = cls
+
+
 def register(name: str):
     """Class decorator: make a PretrainedMixin model loadable by ``load_pretrained`` under ``name``."""
 
     def wrap(cls: type) -> type:
-        if name in MODELS and MODELS[name] is not cls:
-            raise ValueError(f"model type {name!r} is already registered to {MODELS[name].__qualname__}")
-        MODELS[name] = cls
+        _add_to_registry(MODELS, "model", name, cls)
         cls.type_name = name
         return cls
 
@@ -66,9 +70,7 @@ def register_config(name: str):
     def wrap(cls: type) -> type:
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"register_config({name!r}) needs a dataclass, got {cls.__qualname__}")
-        if name in CONFIGS and CONFIGS[name] is not cls:
-            raise ValueError(f"config type {name!r} is already registered to {CONFIGS[name].__qualname__}")
-        CONFIGS[name] = cls
+        _add_to_registry(CONFIGS, "config", name, cls)
         cls.config_type = name
         return cls
 

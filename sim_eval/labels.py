@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim_eval import layout
+from sim_eval.expert.base import wrap_angle
 
 MOVE_HORIZON = 4  # steps of look-ahead that define the move primitive
 FUTURE_GRIPPER_STEPS = (0, 4, 8, 12, 16)  # which future tcp positions are projected
@@ -44,7 +45,7 @@ def move_primitive(tcp_now: np.ndarray, tcp_later: np.ndarray, yaw_now: float, y
     delta = tcp_later - tcp_now
     words = [pos if d > 0 else neg for axis, pos, neg in _AXIS_WORDS if abs(d := delta[axis]) >= MIN_MOVE_M
              and abs(d) >= 0.4 * np.abs(delta).max()]
-    turn = (yaw_later - yaw_now + np.pi) % (2 * np.pi) - np.pi
+    turn = wrap_angle(yaw_later - yaw_now)
     if abs(turn) >= MIN_TURN_RAD and not words:
         return "rotate left" if turn > 0 else "rotate right"
     return "move " + " ".join(words) if words else "stop"

@@ -22,11 +22,9 @@ OPEN, CLOSE = 1.0, -1.0
 DRAWER_BAR_Y_AT_ZERO = -0.261  # front face of the drawer's handle bar
 DRAWER_GAP_Y_AT_ZERO = -0.212  # between the handle bar and the drawer front: where the fingers hook in
 DRAWER_HANDLE_Z = 0.36
-SLIDER_GRIP_AT_ZERO = layout.SLIDER_HANDLE_AT_ZERO
 SLIDER_GRIP_HALF_WIDTH_M = 0.02
 BUTTON_XY = layout.BUTTON_ORIGIN[:2]
 BUTTON_HOUSING_HALF_M = 0.04  # the housing is 8 cm square around the button, 2 cm tall
-SWITCH_GRIP_AT_ZERO = layout.SWITCH_HANDLE_AT_ZERO
 SWITCH_OUT = np.array([0.0, -0.8660254, 0.5])  # out of the switch's track, towards the robot
 DRAWER_INNER_X = (0.003, 0.357)  # inner faces of the drawer's side walls
 DRAWER_BOTTOM_Z = 0.341
@@ -198,7 +196,7 @@ def slider_plan(left: bool) -> list[Phase]:
     side = 1.0 if left else -1.0  # left = towards -x, so push from the +x side
 
     def beside(r, s, extra_y=0.0):
-        grip = SLIDER_GRIP_AT_ZERO + s.slider_m * layout.SLIDER_AXIS
+        grip = layout.slider_handle(s.slider_m)
         return grip + [side * (SLIDER_GRIP_HALF_WIDTH_M + 0.025), extra_y, 0.0]
 
     goal_m = (lambda s: layout.SLIDER_LEFT_M) if left else (lambda s: 0.0)  # noqa: E731
@@ -207,7 +205,7 @@ def slider_plan(left: bool) -> list[Phase]:
     return [
         Phase("reach in front of handle", lambda r, s: Goal(beside(r, s, -0.08), NEUTRAL_YAW, CLOSE, tol_m=0.02)),
         Phase("reach beside handle", lambda r, s: Goal(beside(r, s), NEUTRAL_YAW, CLOSE, speed=0.5, tol_m=0.01)),
-        Phase("slide", lambda r, s: Goal(np.array([SLIDER_GRIP_AT_ZERO[0] - goal_m(s) + side * 0.015 - side * 0.03,
+        Phase("slide", lambda r, s: Goal(np.array([layout.slider_handle(goal_m(s))[0] + side * 0.015 - side * 0.03,
                                                    beside(r, s)[1], beside(r, s)[2]]), NEUTRAL_YAW, CLOSE, speed=0.5),
               done=done, max_steps=120),
         Phase("back off", lambda r, s: Goal(r.tcp_pos + [0, -0.06, 0.0], NEUTRAL_YAW, CLOSE),
@@ -255,11 +253,11 @@ def switch_plan(on: bool) -> list[Phase]:
 
     def start(s):
         # Fingertips just beyond the grip (below it to push up, above it to push down), slightly out of the track.
-        grip = SWITCH_GRIP_AT_ZERO + s.switch_m * axis
+        grip = layout.switch_handle(s.switch_m)
         return grip - sign * 0.028 * axis + 0.012 * SWITCH_OUT
 
     def end(s):
-        return SWITCH_GRIP_AT_ZERO + (layout.SWITCH_ON_M + 0.01 if on else -0.01) * axis \
+        return layout.switch_handle(layout.SWITCH_ON_M + 0.01 if on else -0.01) \
             - sign * 0.018 * axis + 0.012 * SWITCH_OUT
     done = (lambda r, s, n: s.switch_m > layout.SWITCH_ON_M - 0.01) if on else (lambda r, s, n: s.switch_m < 0.01)
     return [
