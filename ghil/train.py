@@ -6,7 +6,7 @@ weights, accelerate for devices / mixed precision / multi-GPU (``accelerate laun
 unchanged), a tqdm bar, TensorBoard + JSONL logs, and periodic checkpoints::
 
     <out_dir>/config.yaml, run.json                  resolved config, git commit, command line
-    <out_dir>/metrics.jsonl, tensorboard/            train/loss, train/lr, train/samples_per_s, ...
+    <out_dir>/metrics.jsonl, tensorboard/            train/loss, train/lr, train/samples_per_s, val/loss, ...
     <out_dir>/checkpoints/step_0000500/              config.json + model.safetensors (EMA weights: what ships)
         training_state/                              model.safetensors (raw weights), optimizer.safetensors +
                                                      optimizer.json, scheduler.json, rng_<rank>.safetensors,
@@ -36,10 +36,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -77,6 +78,8 @@ class TrainConfig:
     resume: bool = True  # continue from <out_dir>/checkpoints/last when it exists
     progress: bool = True
     tensorboard: bool = True
+    val_every: int | None = None  # validation loss of the shipped (EMA) weights every N steps (None: never)
+    val_batches: int = 8  # fixed validation batches (the same samples and noise every time)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -94,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.mixed_precision must be no|fp16|bf16, got {self.mixed_precision!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError("TrainConfig.grad_clip must be None or > 0")
+        if (self.val_every is not None and self.val_every < 1) or self.val_batches < 1:
+            raise ValueError("TrainConfig: val_every must be None or >= 1, val_batches >= 1")
 
 
 # -- logging ----------------------------------------------------------------------------------------------------
@@ -254,7 +259,8 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, dataset: Any, config: TrainConfig, collate_fn: Callable[[list], Any],
-                 run_config: Mapping[str, Any] | None = None, loggers: Sequence[Logger] | None = None):
+                 run_config: Mapping[str, Any] | None = None, loggers: Sequence[Logger] | None = None,
+                 val_dataset: Any = None):
         from accelerate import Accelerator
         from transformers import get_cosine_schedule_with_warmup
 
@@ -287,6 +293,7 @@ class Trainer:
                                    self.accelerator.num_processes, config.seed)
         self.run_config = dict(run_config or {})
         self.loggers = list(loggers) if loggers is not None else None
+        self.val_dataset = val_dataset
 
     @property
     def is_main(self) -> bool:
@@ -356,6 +363,40 @@ class Trainer:
             group["lr"] = lr
         _set_rng_state(read_weights(state / f"rng_{self.accelerator.process_index}.safetensors"))
         self.step = int(info["step"])
+
+    # -- validation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean loss of the shipped weights (EMA if kept) in eval mode on fixed validation batches.
+
+        The samples (evenly spaced over the split) and the diffusion noise (a fixed seed) are the same at every
+        call, so the curve moves only with the weights; the training RNG is forked, so validating never changes
+        the training run (exact resume holds with or without it).
+        """
+        if self.val_dataset is None:
+            raise ValueError("Trainer.validate needs a val_dataset")
+        model = self.ema.model if self.ema is not None else self.model
+        n = min(len(self.val_dataset), self.config.val_batches * self.config.batch_size)
+        rows = np.linspace(0, len(self.val_dataset) - 1, n).round().astype(int).tolist()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        was_training = model.training
+        model.eval()
+        devices = [self.accelerator.device.index] if self.accelerator.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.config.seed)
+                for start in range(0, n, self.config.batch_size):
+                    batch = self.collate_fn([self.val_dataset[i] for i in rows[start:start + self.config.batch_size]])
+                    batch = batch.to(self.accelerator.device) if hasattr(batch, "to") else batch
+                    loss, metrics = model.loss(batch)
+                    for key, value in {"loss": float(loss), **metrics}.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    n_batches += 1
+        finally:
+            model.train(was_training)
+        return {f"val/{k}": v / n_batches for k, v in sums.items()}
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -445,6 +486,14 @@ class Trainer:
                         logger.log(self.step, last_metrics)
                     bar.set_postfix(loss=f"{last_metrics.get('train/loss', math.nan):.4f}")
                     sums, n_logged, t_last = {}, 0, now
+                if self.val_dataset is not None and cfg.val_every is not None and (
+                        self.step % cfg.val_every == 0 or self.step == end):
+                    t_val = time.perf_counter()
+                    val = self.validate() if self.is_main else {}
+                    for logger in loggers:
+                        logger.log(self.step, val)
+                    last_metrics.update(val)
+                    t_last += time.perf_counter() - t_val  # keep samples_per_s about training alone
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.total_steps:
                     self.save_checkpoint()
         finally:
@@ -477,6 +526,15 @@ def run(cfg) -> Path:
     if latest_checkpoint(train_cfg.out_dir) is None or not train_cfg.resume:
         stats = compute_policy_stats(dataset, keys=(data.proprio_key, policy.space.dataset_key))
         policy.fit_normalizer({"robot_obs" if k == data.proprio_key else k: v for k, v in stats.items()})
-    trainer = Trainer(policy, dataset, train_cfg, collate_fn=collate_policy, run_config=container)
+    val_dataset = None
+    if train_cfg.val_every is not None and data.val_split and not (Path(data.root) / data.val_split).is_dir():
+        log.warning("no validation loss: %s has no %r split (set data.val_split=null to silence this)", data.root,
+                    data.val_split)
+    elif train_cfg.val_every is not None and data.val_split:
+        val_dataset = PolicyDataset(replace(data, split=data.val_split), cameras=pc.cameras,
+                                    goal_camera=pc.goal_camera if pc.use_goal else None,
+                                    action_key=policy.space.dataset_key, chunk_len=pc.chunk_len)
+    trainer = Trainer(policy, dataset, train_cfg, collate_fn=collate_policy, run_config=container,
+                      val_dataset=val_dataset)
     trainer.fit(stop_at=cfg.get("stop_at"))
     return Path(train_cfg.out_dir)

@@ -73,6 +73,7 @@ class EvalSettings:
     ep_len: int = EP_LEN  # env steps per subtask; CALVIN's 360, anything else is not the protocol
     seed: int = 0  # base seed; chain i is seeded with chain_seed(seed, i)
     workers: int = 1  # worker processes on this machine (1: run in this process)
+    threads: int | None = None  # torch threads per process running chains (null: torch's default); 1 with workers
     shard: int = 0  # this job runs the chains at positions shard, shard + n_shards, ... of the subset
     n_shards: int = 1
     out_dir: str = "outputs/eval/run"
@@ -106,6 +107,8 @@ class EvalSettings:
             raise EvaluationError(f"eval.ep_len must be >= 1, got {self.ep_len}")
         if self.workers < 1:
             raise EvaluationError(f"eval.workers must be >= 1, got {self.workers}")
+        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
+            raise EvaluationError(f"eval.threads must be null or an integer >= 1, got {self.threads!r}")
         if not (1 <= self.n_shards <= self.n_chains and 0 <= self.shard < self.n_shards):
             raise EvaluationError(f"need 1 <= eval.n_shards <= n_chains ({self.n_chains}) and 0 <= eval.shard < "
                                   f"n_shards, got shard={self.shard}, n_shards={self.n_shards}")
@@ -415,6 +418,10 @@ class ChainRunner:
 
         cfg = OmegaConf.create(config)
         self.settings, self.run_dir = settings, Path(run_dir)
+        if settings.threads is not None:  # policies run torch; one thread per worker avoids oversubscription
+            import torch
+
+            torch.set_num_threads(settings.threads)
         self._make_env = lambda: instantiate(cfg.env)
         self.env = self._make_env()
         self.agent = build_agent(cfg.agent)

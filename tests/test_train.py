@@ -121,3 +121,24 @@ def test_ghil_train_entry_point(data_root, tmp_path):
     assert list((out / "tensorboard").iterdir())
     policy = load_pretrained(out / "checkpoints" / "last")
     assert policy.normalizer.is_fitted and policy.sampler.config.n_inference_steps == 2
+
+
+def test_validation_loss_is_fixed_and_leaves_training_unchanged(data_root, tmp_path):
+    """val/loss: same weights -> same number (fixed samples and noise); training with validation on gives the same
+    weights as without (the training RNG is forked)."""
+    results = {}
+    for name, val_every in (("plain", None), ("validated", 2)):
+        policy, ds = make(data_root, ShortcutConfig())
+        trainer = Trainer(policy, ds, train_cfg(tmp_path / name, val_every=val_every, val_batches=2),
+                          collate_policy, val_dataset=ds if val_every else None)
+        metrics = trainer.fit()
+        results[name] = (policy.state_dict(), metrics, trainer)
+    plain, validated = results["plain"][0], results["validated"][0]
+    assert all(torch.equal(plain[k], validated[k]) for k in plain)
+    trainer = results["validated"][2]
+    first, again = trainer.validate(), trainer.validate()
+    assert first == again and np.isfinite(first["val/loss"]) and "val/loss" in results["validated"][1]
+    logged = [json.loads(line) for line in (tmp_path / "validated" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "val/loss" in row] == [2, 4]
+    with pytest.raises(ValueError, match="val_every"):
+        train_cfg(tmp_path / "bad", val_every=0)

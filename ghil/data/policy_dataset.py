@@ -34,6 +34,7 @@ class PolicyDataConfig:
 
     root: str
     split: str = "training"
+    val_split: str | None = "validation"  # held-out episodes for the trainer's validation loss (None: none)
     goal_horizon: tuple[int, int] = (0, 24)  # goal frame drawn U{lo..hi} steps after the observation
     lang_only: bool = False  # only annotated language windows (needed for language-conditioned policies)
     proprio_key: str = "robot_obs"

@@ -1,0 +1,108 @@
+"""Inference latency of a trained chunk policy: one ``predict_chunk`` call (encoder + every sampler step) per chunk.
+
+The observation is a real playtable frame pair (CALVIN's first official initial scene, both cameras) and the goal
+the static frame of the same scene; the policy is loaded from a checkpoint folder exactly as ``ghil eval`` loads
+it. Each call is timed on its own with ``time.perf_counter`` after ``--warmup`` untimed calls; the figure is the
+median (and p10/p90) over ``--calls`` calls, for every requested step count. Torch uses ``--threads`` threads (2:
+the whole 2-core development machine; CALVIN's 30 Hz control leaves 33 ms per step, 267 ms per 8-step chunk).
+
+    python benchmarks/policy_latency.py --checkpoint checkpoints/dit_small --steps 1 2 4 --calls 200
+    python benchmarks/policy_latency.py --checkpoint runs/dit_small_ddim/checkpoints/last --steps 10 \
+        --json outputs/latency_ddim.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a plain script from a checkout, installed or not
+    sys.path.insert(0, str(REPO))
+
+
+def real_observation():
+    """Both camera frames and robot_obs of the playtable reset to the first official chain's initial scene."""
+    from sim_eval.chains import load_official_chains
+    from sim_eval.initial_states import state_to_obs
+    from sim_eval.playtable.env import PlayTableEnv
+
+    state, _ = load_official_chains()[0]
+    robot_obs, scene_obs = state_to_obs(state)
+    env = PlayTableEnv()
+    obs = env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+    frames = {k: np.asarray(v) for k, v in obs["rgb_obs"].items()}
+    return frames, np.asarray(obs["robot_obs"], dtype=np.float32)
+
+
+def time_calls(policy, observation, goal, n_steps: int, calls: int, warmup: int, seed: int) -> np.ndarray:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(warmup + calls):
+        t0 = time.perf_counter()
+        policy.predict_chunk(observation, goal, n_steps=n_steps, generator=generator)
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+    return np.asarray(out) * 1000.0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="checkpoints/dit_small", help="checkpoint folder (config.json + "
+                        "model.safetensors)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="sampler step counts (default: 1 2 4 for shortcut models, 10 for DDIM)")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--calls and --threads must be >= 1, --warmup >= 0")
+
+    import torch
+
+    from ghil.checkpoint import load_pretrained
+    from ghil.types import Observation
+
+    torch.set_num_threads(args.threads)
+    policy = load_pretrained(args.checkpoint).eval()
+    cfg = policy.config
+    steps = args.steps or ([1, 2, 4] if policy.sampler.conditions_on_step_size else [10])
+    for n in steps:
+        policy.sampler.check_steps(n)  # clear error before anything is timed
+    frames, robot_obs = real_observation()
+    observation = Observation(images={cam: frames[cam] for cam in cfg.cameras}, proprio=robot_obs, t=0,
+                              instruction="push the sliding door to the left")
+    goal = frames[cfg.goal_camera] if cfg.use_goal else None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    report = {"checkpoint": str(args.checkpoint), "sampler": type(policy.sampler).__name__, "threads": args.threads,
+              "calls": args.calls, "warmup": args.warmup, "commit": commit, "machine": platform.processor()
+              or platform.machine(), "torch": torch.__version__, "results": []}
+    print(f"{args.checkpoint}: {type(policy.sampler).__name__}, {args.threads} thread(s), N={args.calls} calls each")
+    for n in steps:
+        ms = time_calls(policy, observation, goal, n, args.calls, args.warmup, args.seed)
+        row = {"n_steps": n, "median_ms": round(float(np.median(ms)), 2),
+               "p10_ms": round(float(np.percentile(ms, 10)), 2), "p90_ms": round(float(np.percentile(ms, 90)), 2)}
+        report["results"].append(row)
+        print(f"  {n:>3} step(s): median {row['median_ms']:7.2f} ms  (p10 {row['p10_ms']:.2f}, p90 "
+              f"{row['p90_ms']:.2f})")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
