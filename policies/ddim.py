@@ -29,6 +29,9 @@ class DDIMConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     clip_sample: bool = True  # clip predicted x0 to [-1, 1]: actions are min-max normalised onto that range
     prediction_type: str = "epsilon"
+    # Where the inference timesteps sit (diffusers' timestep_spacing). "leading" (diffusers' default) starts 10
+    # steps at t=90 of 100, treating noise as if signal were left; "trailing" starts at t=99 (Lin et al. 2024).
+    timestep_spacing: str = "leading"
 
     def __post_init__(self) -> None:
         if self.n_train_steps < 1:
@@ -36,6 +39,9 @@ class DDIMConfig:
         if not 1 <= self.n_inference_steps <= self.n_train_steps:
             raise ValueError(f"DDIMConfig.n_inference_steps must be in [1, n_train_steps={self.n_train_steps}], "
                              f"got {self.n_inference_steps}")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"DDIMConfig.timestep_spacing must be leading|trailing|linspace, got "
+                             f"{self.timestep_spacing!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"DDIMConfig.prediction_type must be one of {PREDICTION_TYPES}")
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
@@ -52,7 +58,8 @@ class DDIMSampler:
         self.config = config
         self.scheduler = DDIMScheduler(num_train_timesteps=config.n_train_steps, beta_schedule=config.beta_schedule,
                                        clip_sample=config.clip_sample, prediction_type=config.prediction_type,
-                                       set_alpha_to_one=True, steps_offset=0)
+                                       set_alpha_to_one=True, steps_offset=0,
+                                       timestep_spacing=config.timestep_spacing)
 
     def check_steps(self, n_steps: int) -> None:
         if not isinstance(n_steps, int) or not 1 <= n_steps <= self.config.n_train_steps:

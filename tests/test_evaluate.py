@@ -208,6 +208,7 @@ def test_agent_exception_is_recorded_by_default(tmp_path):
     ("eval.chain_start=-1", "outside the official 1000"),
     ("eval.mode=shuffled", "unknown eval.mode 'shuffled'"),
     ("eval.workers=0", "workers must be >= 1"),
+    ("eval.threads=0", "threads must be null or an integer >= 1"),
     ("eval.shard=2", "0 <= eval.shard < n_shards"),
     ("+eval.n_chain=5", "unknown eval settings"),
     ("agent._target_=collections.OrderedDict", "lacks reset"),

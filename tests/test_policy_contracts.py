@@ -80,6 +80,19 @@ def test_sampler_uses_exactly_n_network_calls(sampler, n_steps):
     assert len(calls) == n_steps
 
 
+@pytest.mark.parametrize("spacing, first", [("leading", 90), ("trailing", 99)])
+def test_ddim_timestep_spacing_sets_where_sampling_starts(spacing, first):
+    from policies.ddim import DDIMSampler
+
+    sampler = DDIMSampler(DDIMConfig(timestep_spacing=spacing))
+    seen = []
+    sampler.sample(lambda x, t, k: seen.append(round(float(t[0]) * 100)) or torch.zeros_like(x),
+                   torch.randn(2, 4, 7), n_steps=10)
+    assert seen[0] == first and len(seen) == 10
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        DDIMConfig(timestep_spacing="random")
+
+
 def test_invalid_step_counts_are_refused():
     with pytest.raises(ValueError, match="power of two"):
         make(sampler="shortcut").predict_chunk(fake_obs(tiny_config()), fake_goal(tiny_config()), n_steps=3)
