@@ -55,6 +55,26 @@ def time_calls(policy, observation, goal, n_steps: int, calls: int, warmup: int,
     return np.asarray(out) * 1000.0
 
 
+def time_encoder(policy, observation, goal, calls: int, warmup: int) -> np.ndarray:
+    """The observation encoder alone (image resize, ResNets, transformer encoder): the part every step count shares,
+    so the sampler's own cost is the chunk latency minus this."""
+    import torch
+
+    cfg = policy.config
+    images = {cam: torch.as_tensor(observation.images[cam])[None] for cam in cfg.cameras}
+    goal_t = torch.as_tensor(goal)[None] if goal is not None else None
+    proprio = torch.as_tensor(observation.proprio)[None]
+    out = []
+    with torch.no_grad():
+        for i in range(warmup + calls):
+            t0 = time.perf_counter()
+            policy._condition(policy._prepare(images, goal_t, train=False), proprio,
+                              [observation.instruction] if cfg.use_language else None)
+            if i >= warmup:
+                out.append(time.perf_counter() - t0)
+    return np.asarray(out) * 1000.0
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/dit_small", help="checkpoint folder (config.json + "
@@ -98,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
         report["results"].append(row)
         print(f"  {n:>3} step(s): median {row['median_ms']:7.2f} ms  (p10 {row['p10_ms']:.2f}, p90 "
               f"{row['p90_ms']:.2f})")
+    enc = time_encoder(policy, observation, goal, args.calls, args.warmup)
+    report["encoder_median_ms"] = round(float(np.median(enc)), 2)
+    print(f"  encoder alone: median {report['encoder_median_ms']:7.2f} ms (shared by every step count; the rest of a "
+          f"call is the sampler)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
