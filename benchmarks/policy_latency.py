@@ -42,37 +42,28 @@ def real_observation():
     return frames, np.asarray(obs["robot_obs"], dtype=np.float32)
 
 
-def time_calls(policy, observation, goal, n_steps: int, calls: int, warmup: int, seed: int) -> np.ndarray:
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
+def time_ms(call, calls: int, warmup: int) -> np.ndarray:
+    """Each of ``calls`` calls timed on its own (ms), after ``warmup`` untimed ones."""
     out = []
     for i in range(warmup + calls):
         t0 = time.perf_counter()
-        policy.predict_chunk(observation, goal, n_steps=n_steps, generator=generator)
+        call()
         if i >= warmup:
             out.append(time.perf_counter() - t0)
     return np.asarray(out) * 1000.0
 
 
-def time_encoder(policy, observation, goal, calls: int, warmup: int) -> np.ndarray:
-    """The observation encoder alone (image resize, ResNets, transformer encoder): the part every step count shares,
-    so the sampler's own cost is the chunk latency minus this."""
+def encoder_call(policy, observation, goal):
+    """The observation encoder alone (image resize, ResNets, transformer encoder): the part every step count
+    shares, so the sampler's own cost is the chunk latency minus this."""
     import torch
 
     cfg = policy.config
     images = {cam: torch.as_tensor(observation.images[cam])[None] for cam in cfg.cameras}
     goal_t = torch.as_tensor(goal)[None] if goal is not None else None
     proprio = torch.as_tensor(observation.proprio)[None]
-    out = []
-    with torch.no_grad():
-        for i in range(warmup + calls):
-            t0 = time.perf_counter()
-            policy._condition(policy._prepare(images, goal_t, train=False), proprio,
-                              [observation.instruction] if cfg.use_language else None)
-            if i >= warmup:
-                out.append(time.perf_counter() - t0)
-    return np.asarray(out) * 1000.0
+    instructions = [observation.instruction] if cfg.use_language else None
+    return lambda: policy.encode_observation(images, goal_t, proprio, instructions)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,13 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
               or platform.machine(), "torch": torch.__version__, "results": []}
     print(f"{args.checkpoint}: {type(policy.sampler).__name__}, {args.threads} thread(s), N={args.calls} calls each")
     for n in steps:
-        ms = time_calls(policy, observation, goal, n, args.calls, args.warmup, args.seed)
+        generator = torch.Generator().manual_seed(args.seed)
+        ms = time_ms(lambda: policy.predict_chunk(observation, goal, n_steps=n, generator=generator), args.calls,
+                     args.warmup)
         row = {"n_steps": n, "median_ms": round(float(np.median(ms)), 2),
                "p10_ms": round(float(np.percentile(ms, 10)), 2), "p90_ms": round(float(np.percentile(ms, 90)), 2)}
         report["results"].append(row)
         print(f"  {n:>3} step(s): median {row['median_ms']:7.2f} ms  (p10 {row['p10_ms']:.2f}, p90 "
               f"{row['p90_ms']:.2f})")
-    enc = time_encoder(policy, observation, goal, args.calls, args.warmup)
+    enc = time_ms(encoder_call(policy, observation, goal), args.calls, args.warmup)
     report["encoder_median_ms"] = round(float(np.median(enc)), 2)
     print(f"  encoder alone: median {report['encoder_median_ms']:7.2f} ms (shared by every step count; the rest of a "
           f"call is the sampler)")

@@ -399,6 +399,12 @@ class DiTPolicy(PretrainedMixin, nn.Module):
     # -- inference ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def encode_observation(self, images: Mapping[str, Tensor], goal: Tensor | None, proprio: Tensor,
+                           instructions: Sequence[str | None] | None = None) -> Tensor:
+        """The encoder pass alone, without augmentation: (B, depth, W) conditions shared by every sampler step."""
+        return self._condition(self._prepare(images, goal, train=False), proprio, instructions)
+
+    @torch.no_grad()
     def sample_actions(self, images: Mapping[str, Tensor], goal: Tensor | None, proprio: Tensor,
                        instructions: Sequence[str | None] | None = None, n_steps: int | None = None,
                        generator: torch.Generator | None = None) -> Tensor:
@@ -417,7 +423,7 @@ class DiTPolicy(PretrainedMixin, nn.Module):
         was_training = self.training
         self.eval()
         try:
-            cond = self._condition(self._prepare(images, goal, train=False), proprio, instructions)
+            cond = self.encode_observation(images, goal, proprio, instructions)
             b = cond.shape[0]
             noise = torch.randn(b, cfg.chunk_len, cfg.action_dim, generator=generator,
                                 device=generator.device if generator is not None else device).to(device)
