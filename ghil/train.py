@@ -506,6 +506,23 @@ class Trainer:
 # -- `ghil train` -----------------------------------------------------------------------------------------------
 
 
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Start a new run from a saved model's weights (its normaliser statistics included): fine-tuning, or a longer
+    schedule after a finished run. The optimiser, schedule and step start afresh. The checkpoint must hold the same
+    model type and configuration; anything else is refused with the differences named."""
+    from ghil.checkpoint import load_pretrained
+
+    source = load_pretrained(path)
+    if type(source) is not type(model):
+        raise CheckpointError(f"init_from {path}: a {type(source).__name__}, not a {type(model).__name__}")
+    ours, theirs = model.init_kwargs(), source.init_kwargs()
+    if ours != theirs:
+        raise CheckpointError(f"init_from {path}: its configuration differs from this run's\n  checkpoint: {theirs}\n"
+                              f"  this run:   {ours}")
+    load_state_strict(model, source.state_dict(), str(path))
+    log.info("initialised from %s", path)
+
+
 def run(cfg) -> Path:
     """Hydra entry (``ghil train``): build the policy and dataset from the config, fit statistics, train."""
     from hydra.utils import instantiate
@@ -523,7 +540,10 @@ def run(cfg) -> Path:
         log.warning("language-conditioned policy trained on all windows: unannotated samples get the no-language token")
     dataset = PolicyDataset(data, cameras=pc.cameras, goal_camera=pc.goal_camera if pc.use_goal else None,
                             action_key=policy.space.dataset_key, chunk_len=pc.chunk_len)
-    if latest_checkpoint(train_cfg.out_dir) is None or not train_cfg.resume:
+    fresh = latest_checkpoint(train_cfg.out_dir) is None or not train_cfg.resume
+    if fresh and cfg.get("init_from"):
+        init_from_checkpoint(policy, cfg.init_from)
+    elif fresh:
         stats = compute_policy_stats(dataset, keys=(data.proprio_key, policy.space.dataset_key))
         policy.fit_normalizer({"robot_obs" if k == data.proprio_key else k: v for k, v in stats.items()})
     val_dataset = None

@@ -142,3 +142,36 @@ def test_validation_loss_is_fixed_and_leaves_training_unchanged(data_root, tmp_p
     assert [row["step"] for row in logged if "val/loss" in row] == [2, 4]
     with pytest.raises(ValueError, match="val_every"):
         train_cfg(tmp_path / "bad", val_every=0)
+
+
+def test_init_from_copies_weights_and_statistics_and_refuses_other_configs(data_root, tmp_path):
+    from ghil.checkpoint import CheckpointError
+    from ghil.train import init_from_checkpoint, run
+
+    source, _ = make(data_root, ShortcutConfig())
+    source.save_pretrained(tmp_path / "source")
+    torch.manual_seed(1)
+    fresh = DiTPolicy(tiny_config(), ShortcutConfig())
+    assert not fresh.normalizer.is_fitted
+    init_from_checkpoint(fresh, tmp_path / "source")
+    theirs = source.state_dict()
+    assert fresh.normalizer.is_fitted and all(torch.equal(v, theirs[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(CheckpointError, match="configuration differs"):
+        init_from_checkpoint(DiTPolicy(tiny_config(width=48, n_heads=2), ShortcutConfig()), tmp_path / "source")
+    with pytest.raises(CheckpointError, match="configuration differs"):
+        init_from_checkpoint(DiTPolicy(tiny_config(), DDIMConfig()), tmp_path / "source")
+
+    # Through `ghil train`: a new run from the first run's weights; with a negligible learning rate its checkpoint
+    # equals the first run's (a fresh initialisation would not come close).
+    common = ["policy=dit_tiny", "sampler=shortcut", "text_encoder=hash", f"data.root={data_root}",
+              "train.batch_size=4", "train.warmup_steps=0", "train.num_workers=0", "train.progress=false",
+              "train.tensorboard=false", "threads=1"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        first = run(compose("train", overrides=[*common, f"train.out_dir={tmp_path / 'first'}",
+                                                "train.total_steps=2", "train.ckpt_every=2"]))
+        second = run(compose("train", overrides=[*common, f"train.out_dir={tmp_path / 'second'}",
+                                                 "train.total_steps=1", "train.ckpt_every=1", "train.lr=1e-12",
+                                                 f"init_from={first / 'checkpoints' / 'last'}"]))
+    a = load_pretrained(first / "checkpoints" / "last").state_dict()
+    b = load_pretrained(second / "checkpoints" / "last").state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
