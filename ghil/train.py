@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ghil.checkpoint import CheckpointError, load_state_strict, read_weights, write_weights
+from ghil.checkpoint import CheckpointError, load_pretrained, load_state_strict, read_weights, write_weights
 from ghil.interfaces import Learnable, Logger
 
 log = logging.getLogger(__name__)
@@ -510,8 +510,6 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Start a new run from a saved model's weights (its normaliser statistics included): fine-tuning, or a longer
     schedule after a finished run. The optimiser, schedule and step start afresh. The checkpoint must hold the same
     model type and configuration; anything else is refused with the differences named."""
-    from ghil.checkpoint import load_pretrained
-
     source = load_pretrained(path)
     if type(source) is not type(model):
         raise CheckpointError(f"init_from {path}: a {type(source).__name__}, not a {type(model).__name__}")
@@ -538,8 +536,12 @@ def run(cfg) -> Path:
     data = PolicyDataConfig(**container["data"])
     if pc.use_language and not data.lang_only:
         log.warning("language-conditioned policy trained on all windows: unannotated samples get the no-language token")
-    dataset = PolicyDataset(data, cameras=pc.cameras, goal_camera=pc.goal_camera if pc.use_goal else None,
-                            action_key=policy.space.dataset_key, chunk_len=pc.chunk_len)
+    def policy_dataset(split: str) -> PolicyDataset:
+        return PolicyDataset(replace(data, split=split), cameras=pc.cameras,
+                             goal_camera=pc.goal_camera if pc.use_goal else None,
+                             action_key=policy.space.dataset_key, chunk_len=pc.chunk_len)
+
+    dataset = policy_dataset(data.split)
     fresh = latest_checkpoint(train_cfg.out_dir) is None or not train_cfg.resume
     if fresh and cfg.get("init_from"):
         init_from_checkpoint(policy, cfg.init_from)
@@ -551,9 +553,7 @@ def run(cfg) -> Path:
         log.warning("no validation loss: %s has no %r split (set data.val_split=null to silence this)", data.root,
                     data.val_split)
     elif train_cfg.val_every is not None and data.val_split:
-        val_dataset = PolicyDataset(replace(data, split=data.val_split), cameras=pc.cameras,
-                                    goal_camera=pc.goal_camera if pc.use_goal else None,
-                                    action_key=policy.space.dataset_key, chunk_len=pc.chunk_len)
+        val_dataset = policy_dataset(data.val_split)
     trainer = Trainer(policy, dataset, train_cfg, collate_fn=collate_policy, run_config=container,
                       val_dataset=val_dataset)
     trainer.fit(stop_at=cfg.get("stop_at"))
