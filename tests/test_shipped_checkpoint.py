@@ -1,5 +1,5 @@
-"""The checkpoint shipped in the repository: it exists, stays under 10 MB, matches `policy=dit_small`, loads through
-the agent config a fresh machine uses, and acts sensibly on a real playtable frame."""
+"""The checkpoints shipped in the repository: each exists, stays under 10 MB, matches its preset, loads through the
+agent config a fresh machine uses, and acts sensibly on a real playtable frame."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -19,31 +20,35 @@ from sim_eval.initial_states import state_to_obs
 from sim_eval.playtable.env import PlayTableEnv
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "checkpoints" / "dit_small"
+# checkpoint folder -> (the `ghil train` preset it was trained with, the eval agent config that loads it by default)
+SHIPPED = {
+    "dit_small": ("dit_small", "oracle_subgoal_policy"),
+    "dit_lang": ("dit_lang", "flat_policy"),
+}
 
 
-def test_shipped_checkpoint_is_small_documented_and_matches_the_preset():
-    files = {p.name: p.stat().st_size for p in SHIPPED.iterdir()}
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoint_is_small_documented_and_matches_the_preset(name):
+    folder = REPO / "checkpoints" / name
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "README.md"} <= set(files), files
     assert sum(files.values()) <= 10 * 1024 * 1024, files
+    preset_name, _ = SHIPPED[name]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["policy=dit_small", "sampler=shortcut"])
+        cfg = compose("train", overrides=[f"policy={preset_name}", "sampler=shortcut"])
     preset = instantiate(cfg.policy, _convert_="all")
-    shipped = load_pretrained(SHIPPED)
+    shipped = load_pretrained(folder)
     assert shipped.config == preset.config and shipped.sampler.config == preset.sampler.config
     assert shipped.normalizer.is_fitted
-    card = (SHIPPED / "README.md").read_text()
+    card = (folder / "README.md").read_text()
     for needed in ("ghil collect", "ghil train", "ghil eval", "avg len"):
         assert needed in card, needed
-    assert json.loads((SHIPPED / "config.json").read_text())["type"] == "dit"
+    assert json.loads((folder / "config.json").read_text())["type"] == "dit"
 
 
-def test_shipped_policy_acts_in_range_through_the_agent_config(monkeypatch):
-    monkeypatch.chdir(REPO)  # the agent config names the checkpoint relative to the repository root
-    torch.set_num_threads(1)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("eval", overrides=["agent=oracle_subgoal_policy"])
-    policy = instantiate(cfg.agent.policy)
+@pytest.fixture(scope="module")
+def first_chain_frame():
+    """Both cameras and robot_obs of the playtable reset to the first official chain's initial scene."""
     state, _ = load_official_chains()[0]
     robot_obs, scene_obs = state_to_obs(state)
     env = PlayTableEnv()
@@ -52,13 +57,27 @@ def test_shipped_policy_acts_in_range_through_the_agent_config(monkeypatch):
         images = {k: np.asarray(v) for k, v in obs["rgb_obs"].items()}
     finally:
         env.close()
-    observation = Observation(images=images, proprio=np.asarray(robot_obs, np.float32), t=0)
+    return images, np.asarray(robot_obs, np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_policy_acts_in_range_through_the_agent_config(name, first_chain_frame, monkeypatch):
+    monkeypatch.chdir(REPO)  # the agent configs name their checkpoints relative to the repository root
+    torch.set_num_threads(1)
+    _, agent_name = SHIPPED[name]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"agent={agent_name}"])
+    assert Path(cfg.agent.policy.path) == Path("checkpoints") / name
+    policy = instantiate(cfg.agent.policy)
+    images, robot_obs = first_chain_frame
+    observation = Observation(images=images, proprio=robot_obs, t=0, instruction="open the drawer")
+    goal = images["rgb_static"] if policy.config.use_goal else None
     for n_steps in (1, 2, 4):
-        chunk = policy.predict_chunk(observation, images["rgb_static"], n_steps=n_steps,
+        chunk = policy.predict_chunk(observation, goal, n_steps=n_steps,
                                      generator=torch.Generator().manual_seed(0)).actions
         assert chunk.shape == (16, 7) and torch.isfinite(chunk).all()
         assert chunk[:, :6].abs().max() <= 1.0 and set(chunk[:, 6].tolist()) <= {-1.0, 1.0}
-    # The goal is the current frame: the robot is where it should be, so the policy should barely move.
-    still = policy.predict_chunk(observation, images["rgb_static"], n_steps=2,
-                                 generator=torch.Generator().manual_seed(0)).actions
-    assert float(still[:8, :3].abs().mean()) < 0.5
+    if policy.config.use_goal:
+        # The goal is the current frame: the robot is where it should be, so the policy should barely move.
+        still = policy.predict_chunk(observation, goal, n_steps=2, generator=torch.Generator().manual_seed(0)).actions
+        assert float(still[:8, :3].abs().mean()) < 0.5
