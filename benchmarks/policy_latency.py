@@ -9,6 +9,10 @@ the whole 2-core development machine; CALVIN's 30 Hz control leaves 33 ms per st
     python benchmarks/policy_latency.py --checkpoint checkpoints/dit_small --steps 1 2 4 --calls 200
     python benchmarks/policy_latency.py --checkpoint runs/dit_small_ddim/checkpoints/last --steps 10 \
         --json outputs/latency_ddim.json
+    python benchmarks/policy_latency.py --preset dit_base --sampler shortcut --steps 1 2 4 --calls 50
+
+``--preset`` times an *untrained* policy built from ``configs/policy/<preset>.yaml`` (for sizes with no trained
+checkpoint, such as ``dit_base``): the weights do not change the arithmetic, so the latency is the trained model's.
 """
 
 from __future__ import annotations
@@ -66,10 +70,30 @@ def encoder_call(policy, observation, goal):
     return lambda: policy.encode_observation(images, goal_t, proprio, instructions)
 
 
+def untrained_policy(preset: str, sampler: str):
+    """A freshly initialised policy of a Hydra preset, its normaliser fitted to unit statistics (timing only)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ghil.cli import CONFIG_DIR
+    from ghil.normalizer import VectorStats
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"policy={preset}", f"sampler={sampler}"])
+    policy = instantiate(cfg.policy, _convert_="all")
+    unit = lambda d: VectorStats(np.zeros(d), np.ones(d), -np.ones(d), np.ones(d), 1)  # noqa: E731
+    policy.fit_normalizer({"robot_obs": unit(policy.config.proprio_dim),
+                           policy.space.dataset_key: unit(policy.config.action_dim)})
+    return policy
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/dit_small", help="checkpoint folder (config.json + "
                         "model.safetensors)")
+    parser.add_argument("--preset", default=None, help="time an untrained policy of this preset instead "
+                        "(configs/policy/<preset>.yaml, e.g. dit_base)")
+    parser.add_argument("--sampler", default="shortcut", help="sampler config for --preset (shortcut | ddim)")
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="sampler step counts (default: 1 2 4 for shortcut models, 10 for DDIM)")
     parser.add_argument("--calls", type=int, default=200)
@@ -87,7 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     from ghil.types import Observation
 
     torch.set_num_threads(args.threads)
-    policy = load_pretrained(args.checkpoint).eval()
+    if args.preset:
+        policy = untrained_policy(args.preset, args.sampler).eval()
+        source = f"untrained policy={args.preset} sampler={args.sampler}"
+    else:
+        policy = load_pretrained(args.checkpoint).eval()
+        source = str(args.checkpoint)
     cfg = policy.config
     steps = args.steps or ([1, 2, 4] if policy.sampler.conditions_on_step_size else [10])
     for n in steps:
@@ -98,10 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
     goal = frames[cfg.goal_camera] if cfg.use_goal else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    report = {"checkpoint": str(args.checkpoint), "sampler": type(policy.sampler).__name__, "threads": args.threads,
+    report = {"checkpoint": source, "sampler": type(policy.sampler).__name__, "threads": args.threads,
               "calls": args.calls, "warmup": args.warmup, "commit": commit, "machine": platform.processor()
               or platform.machine(), "torch": torch.__version__, "results": []}
-    print(f"{args.checkpoint}: {type(policy.sampler).__name__}, {args.threads} thread(s), N={args.calls} calls each")
+    n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    report["trainable_params"] = n_params
+    print(f"{source} ({n_params / 1e6:.2f} M trainable parameters): {type(policy.sampler).__name__}, "
+          f"{args.threads} thread(s), N={args.calls} calls each")
     for n in steps:
         generator = torch.Generator().manual_seed(args.seed)
         ms = time_ms(lambda: policy.predict_chunk(observation, goal, n_steps=n, generator=generator), args.calls,
