@@ -91,6 +91,30 @@ def test_oracle_subgoal_follows_the_expert_reference(env):
     assert goals._frames == []
 
 
+def test_oracle_subgoal_from_current_state_is_the_experts_frame_k_steps_from_here(env):
+    from sim_eval.expert import ScriptedExpert
+
+    k = 6
+    goals = OracleSubgoal(lookahead=k, static_size=SIZE, from_current_state=True)
+    state, tasks = official_subset(1)[0]
+    obs = env.reset(*state_to_obs(state))
+    start_frame = obs["rgb_obs"]["rgb_static"]
+    instruction = eval_instruction(tasks[0])
+    goal = goals.goal(obs, instruction)
+    # The same k expert steps taken in the evaluation env itself end on the same frame.
+    expert = ScriptedExpert()
+    expert.reset(tasks[0])
+    moved = obs
+    for _ in range(k):
+        action, _ = expert.act(moved["robot_obs"], moved["scene_obs"])
+        moved, *_ = env.step(action)
+    np.testing.assert_array_equal(goal, moved["rgb_obs"]["rgb_static"])
+    assert not np.array_equal(goal, start_frame)
+    # Asked again from the new state, it looks k steps beyond that state (not along a stored reference).
+    again = goals.goal(moved, instruction)
+    assert not np.array_equal(again, goal)
+
+
 def test_policy_agent_runs_in_the_evaluation_loop(env):
     from sim_eval.oracle import TaskOracle
     from sim_eval.rollout import Chain, run_chain
