@@ -76,7 +76,6 @@ class OracleSubgoal:
             if phase == "done":
                 break
             sim_obs, *_ = self._sim.step(action)
-        self._instruction = instruction
         return sim_obs["rgb_obs"]["rgb_static"]  # rendered here only: the intermediate frames are never read
 
     def goal(self, obs: dict, instruction: str) -> np.ndarray:

@@ -20,11 +20,8 @@ from sim_eval.initial_states import state_to_obs
 from sim_eval.playtable.env import PlayTableEnv
 
 REPO = Path(__file__).resolve().parents[1]
-# checkpoint folder -> (the `ghil train` preset it was trained with, the eval agent config that loads it by default)
-SHIPPED = {
-    "dit_small": ("dit_small", "oracle_subgoal_policy"),
-    "dit_lang": ("dit_lang", "flat_policy"),
-}
+# checkpoint folder (named after the `ghil train` preset it was trained with) -> the agent config that loads it
+SHIPPED = {"dit_small": "oracle_subgoal_policy", "dit_lang": "flat_policy"}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -33,9 +30,8 @@ def test_shipped_checkpoint_is_small_documented_and_matches_the_preset(name):
     files = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "README.md"} <= set(files), files
     assert sum(files.values()) <= 10 * 1024 * 1024, files
-    preset_name, _ = SHIPPED[name]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"policy={preset_name}", "sampler=shortcut"])
+        cfg = compose("train", overrides=[f"policy={name}", "sampler=shortcut"])
     preset = instantiate(cfg.policy, _convert_="all")
     shipped = load_pretrained(folder)
     assert shipped.config == preset.config and shipped.sampler.config == preset.sampler.config
@@ -64,9 +60,8 @@ def first_chain_frame():
 def test_shipped_policy_acts_in_range_through_the_agent_config(name, first_chain_frame, monkeypatch):
     monkeypatch.chdir(REPO)  # the agent configs name their checkpoints relative to the repository root
     torch.set_num_threads(1)
-    _, agent_name = SHIPPED[name]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("eval", overrides=[f"agent={agent_name}"])
+        cfg = compose("eval", overrides=[f"agent={SHIPPED[name]}"])
     assert Path(cfg.agent.policy.path) == Path("checkpoints") / name
     policy = instantiate(cfg.agent.policy)
     images, robot_obs = first_chain_frame
