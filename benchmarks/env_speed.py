@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout, installed or not
     sys.path.insert(0, str(REPO))
 
-from sim_eval import layout  # noqa: E402
+from ghil.paths import CONFIG_DIR  # noqa: E402
+from sim_eval.world import layout  # noqa: E402
 
 CAMERAS = ("static", "gripper")
 
@@ -55,7 +56,7 @@ def build_env(name: str, cameras: list[str], static_size: int | None, gripper_si
     import hydra.utils
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(REPO / "configs" / "env" / f"{name}.yaml")
+    cfg = OmegaConf.load(CONFIG_DIR / "env" / f"{name}.yaml")
     cfg.cameras = cameras
     if static_size is not None:
         cfg.static_size = static_size
@@ -67,7 +68,7 @@ def build_env(name: str, cameras: list[str], static_size: int | None, gripper_si
 def neutral_start() -> tuple[np.ndarray, np.ndarray]:
     """CALVIN's neutral robot pose in the first official initial scene (slots and yaws as the evaluation sets them)."""
     try:
-        from sim_eval.initial_states import enumerate_symbolic_states, state_to_obs
+        from sim_eval.protocol.initial_states import enumerate_symbolic_states, state_to_obs
 
         return state_to_obs(enumerate_symbolic_states()[0])
     except ImportError:  # fall back to a fixed scene from the layout constants

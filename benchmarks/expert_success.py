@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sim_eval.expert import ScriptedExpert
-from sim_eval.initial_states import enumerate_symbolic_states, state_to_obs
-from sim_eval.oracle import TaskOracle
-from sim_eval.play import run_play_episode
-from sim_eval.tasks import TASK_NAMES
+from sim_eval.demonstrations.expert import ScriptedExpert
+from sim_eval.protocol.initial_states import enumerate_symbolic_states, state_to_obs
+from sim_eval.protocol.oracle import TaskOracle
+from sim_eval.demonstrations.play import run_play_episode
+from sim_eval.protocol.tasks import TASK_NAMES
 
 
 def make_env(name: str):
     if name == "playtable":
-        from sim_eval.playtable.env import PlayTableEnv
+        from sim_eval.world.playtable.env import PlayTableEnv
         return PlayTableEnv(cameras=[])
-    from sim_eval.calvin_bridge import CalvinEnv
+    from sim_eval.world.calvin_bridge import CalvinEnv
     return CalvinEnv(cameras=[])
 
 

@@ -34,9 +34,9 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout, installe
 
 def real_observation():
     """Both camera frames and robot_obs of the playtable reset to the first official chain's initial scene."""
-    from sim_eval.chains import load_official_chains
-    from sim_eval.initial_states import state_to_obs
-    from sim_eval.playtable.env import PlayTableEnv
+    from sim_eval.protocol.chains import load_official_chains
+    from sim_eval.protocol.initial_states import state_to_obs
+    from sim_eval.world.playtable.env import PlayTableEnv
 
     state, _ = load_official_chains()[0]
     robot_obs, scene_obs = state_to_obs(state)

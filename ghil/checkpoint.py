@@ -39,7 +39,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 MODELS: dict[str, type] = {}
-BUILTIN_MODEL_MODULES = ("policies.dit",)
+MODEL_ENTRY_POINTS = "ghil.models"  # pyproject entry points: type name -> "module:Class" (policies.dit:DiTPolicy, ...)
 CONFIGS: dict[str, type] = {}
 
 
@@ -231,17 +231,32 @@ class PretrainedMixin:
 
 
 def _model_class(name: str, path: Path) -> type:
+    """The class registered as ``name``; unknown names are looked up among the installed ``ghil.models`` entry
+    points (importing the module registers the class)."""
     if name not in MODELS:
-        raise CheckpointError(f"{path} holds a checkpoint of unknown type {name!r}; registered: {sorted(MODELS)} "
-                              "(import the module that defines it, e.g. policies.dit)")
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group=MODEL_ENTRY_POINTS):
+            if entry.name == name:
+                entry.load()
+                break
+    if name not in MODELS:
+        known = sorted(set(MODELS) | {e.name for e in entry_points(group=MODEL_ENTRY_POINTS)})
+        raise CheckpointError(f"{path} holds a checkpoint of unknown type {name!r}; known: {known} (register the "
+                              f"class under the {MODEL_ENTRY_POINTS!r} entry points, or import its module first)")
     return MODELS[name]
 
 
 def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Load any registered model from a checkpoint folder, dispatching on its config.json ``type``."""
-    import importlib
+    """Load any registered model from a checkpoint folder, dispatching on its config.json ``type``.
 
-    for module in BUILTIN_MODEL_MODULES:  # registers the built-in model types
-        importlib.import_module(module)
-    meta = _read_config(Path(path))
-    return _model_class(meta["type"], Path(path)).from_pretrained(path, map_location)
+    A relative ``path`` is looked up in the working directory first, then among the installed package's files
+    (``checkpoints/dit_small`` is the shipped one), see ``ghil.paths.resolve_checkpoint``."""
+    from ghil.paths import resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(path)
+    except FileNotFoundError as err:
+        raise CheckpointError(str(err)) from None
+    meta = _read_config(folder)
+    return _model_class(meta["type"], folder).from_pretrained(folder, map_location)

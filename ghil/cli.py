@@ -15,24 +15,23 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from ghil.paths import CONFIG_DIR
 
 # command -> "module:function" taking the composed DictConfig; imported lazily so `ghil --help` stays fast.
 COMMANDS = {
-    "demo": ("sim_eval.evaluate:run", "scripted expert on the first official chains, with videos (outputs/demo)"),
-    "collect": ("sim_eval.collect:run", "collect CALVIN-format demonstration data with the scripted expert"),
-    "eval": ("sim_eval.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
+    "demo": ("sim_eval.evaluation.evaluate:run", "scripted expert on the first official chains, with videos (outputs/demo)"),
+    "collect": ("sim_eval.demonstrations.collect:run", "collect CALVIN-format demonstration data with the scripted expert"),
+    "eval": ("sim_eval.evaluation.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
     "train": ("ghil.train:run", "train a low-level policy (policy=dit_small sampler=ddim|shortcut data.root=...)"),
 }
 
 # (command, subcommand) -> "module:function" taking the remaining argv; plain argparse programs, not Hydra apps.
 SUBCOMMANDS = {
-    ("eval", "merge"): ("sim_eval.evaluate:merge_main", "merge the shard folders of one evaluation"),
+    ("eval", "merge"): ("sim_eval.evaluation.evaluate:merge_main", "merge the shard folders of one evaluation"),
 }
 
 

@@ -52,6 +52,14 @@ def action_space(name: str) -> ActionSpace:
     return ACTION_SPACES[name]
 
 
+def binarize_gripper(actions: Tensor, gripper_index: int) -> Tensor:
+    """A copy of ``actions`` (..., d) whose gripper column is exactly +1 (open, also for 0) or -1 (close)."""
+    out = actions.clone()
+    g = out[..., gripper_index]
+    out[..., gripper_index] = torch.where(g >= 0, torch.ones_like(g), -torch.ones_like(g))
+    return out
+
+
 @dataclass(frozen=True)
 class Observation:
     """One control step's observation, as the robot or simulator produced it.

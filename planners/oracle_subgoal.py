@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim_eval.expert import ScriptedExpert
-from sim_eval.instructions import InstructionIndex
-from sim_eval.playtable.env import PlayTableEnv
+from sim_eval.demonstrations.expert import ScriptedExpert
+from sim_eval.protocol.instructions import InstructionIndex
+from sim_eval.world.playtable.env import PlayTableEnv
 
 MAX_REFERENCE_STEPS = 360  # CALVIN's EP_LEN: the expert's plan ends well before
 SEARCH_WINDOW = 40  # reference steps searched ahead of the last match

@@ -47,6 +47,9 @@ class DDIMConfig:
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise ValueError(f"DDIMConfig.beta_schedule {self.beta_schedule!r} is not a diffusers beta schedule")
 
+    def build(self) -> DDIMSampler:
+        return DDIMSampler(self)
+
 
 class DDIMSampler:
     conditions_on_step_size = False

@@ -29,12 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from ghil.checkpoint import PretrainedMixin, register, register_config
-from ghil.data.augment import AugmentConfig, ImageAugment, resize
+from ghil.nn.augment import AugmentConfig, ImageAugment, resize
 from ghil.normalizer import Normalizer, VectorStats
-from ghil.runtime.chunks import binarize_gripper
-from ghil.types import ActionChunk, Observation, PolicyBatch, action_space
+from ghil.types import ActionChunk, Observation, PolicyBatch, action_space, binarize_gripper
 from policies.ddim import DDIMConfig
-from policies.encoders import (
+from ghil.nn.encoders import (
     ClipTextConfig,
     HashTextConfig,
     MiniLMConfig,
@@ -44,7 +43,6 @@ from policies.encoders import (
     build_text_encoder,
     sinusoidal_embedding,
 )
-from policies.sampling import build_sampler
 from policies.shortcut import ShortcutConfig
 
 TEXT_CONFIGS = (MiniLMConfig, ClipTextConfig, HashTextConfig)
@@ -239,7 +237,7 @@ class DiTPolicy(PretrainedMixin, nn.Module):
             raise TypeError(f"DiTPolicy sampler must be a DDIMConfig or ShortcutConfig, got {sampler!r}")
         self.config = config
         self.space = action_space(config.action_space)
-        self.sampler = build_sampler(sampler)
+        self.sampler = sampler.build()
         w = config.width
         self.normalizer = Normalizer({"proprio": (config.proprio_dim, "mean_std"),
                                       "actions": (config.action_dim, "min_max")})

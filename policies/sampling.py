@@ -6,7 +6,7 @@ The network is passed as ``denoise(x, t, k) -> Tensor`` with the observation con
 
 Usage::
 
-    sampler = build_sampler(DDIMConfig())            # or ShortcutConfig()
+    sampler = DDIMConfig().build()                   # or ShortcutConfig().build(): each config builds its sampler
     loss, metrics = sampler.loss(denoise, target_denoise, actions, mask)
     actions = sampler.sample(denoise, noise, n_steps=4)
 """
@@ -48,14 +48,3 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     per_step = ((pred - target) ** 2).mean(-1)  # (B, T)
     weights = mask.to(per_step.dtype)
     return (per_step * weights).sum() / weights.sum().clamp_min(1.0)
-
-
-def build_sampler(config: Any) -> Sampler:
-    from policies.ddim import DDIMConfig, DDIMSampler
-    from policies.shortcut import ShortcutConfig, ShortcutSampler
-
-    if isinstance(config, DDIMConfig):
-        return DDIMSampler(config)
-    if isinstance(config, ShortcutConfig):
-        return ShortcutSampler(config)
-    raise TypeError(f"unknown sampler config {type(config).__qualname__}; expected DDIMConfig or ShortcutConfig")

@@ -55,6 +55,9 @@ class ShortcutConfig:
     def log2_max_steps(self) -> int:
         return int(math.log2(self.n_max_steps))
 
+    def build(self) -> ShortcutSampler:
+        return ShortcutSampler(self)
+
 
 class ShortcutSampler:
     conditions_on_step_size = True

@@ -11,7 +11,7 @@ from ghil.data.calvin_format import DatasetWriter, FrameSpec
 from ghil.normalizer import VectorStats
 from ghil.types import Observation, PolicyBatch
 from policies.dit import DiTConfig
-from policies.encoders import HashTextConfig, ResNetGNConfig
+from ghil.nn.encoders import HashTextConfig, ResNetGNConfig
 
 SIZE = 32
 

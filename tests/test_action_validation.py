@@ -1,4 +1,4 @@
-"""sim_eval.action_validation: every accepted form normalises to calvin's dict form; every bad input is refused
+"""sim_eval.world.action_validation: every accepted form normalises to calvin's dict form; every bad input is refused
 with a message that names the problem. Needs neither calvin_env nor pybullet."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim_eval import layout
-from sim_eval.action_validation import (
+from sim_eval.world import layout
+from sim_eval.world.action_validation import (
     ACTION_TYPES,
     InvalidActionError,
     InvalidStateError,

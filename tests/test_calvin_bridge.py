@@ -1,6 +1,6 @@
-"""sim_eval.calvin_bridge against the REAL calvin_env (skipped where calvin_env is not importable).
+"""sim_eval.world.calvin_bridge against the REAL calvin_env (skipped where calvin_env is not importable).
 
-Run with a Python that has calvin_env installed (see sim_eval/calvin_bridge.py for the recipe), e.g.
+Run with a Python that has calvin_env installed (see sim_eval/world/calvin_bridge.py for the recipe), e.g.
 ``<calvin venv>/bin/python -m pytest tests/test_calvin_bridge.py``.
 """
 
@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("calvin_env", reason="calvin_env (the real CALVIN simulator) is not installed")
 
-from sim_eval import layout  # noqa: E402
-from sim_eval.action_validation import InvalidActionError, InvalidStateError  # noqa: E402
-from sim_eval.calvin_bridge import CalvinEnv  # noqa: E402
+from sim_eval.world import layout  # noqa: E402
+from sim_eval.world.action_validation import InvalidActionError, InvalidStateError  # noqa: E402
+from sim_eval.world.calvin_bridge import CalvinEnv  # noqa: E402
 
 pytestmark = pytest.mark.calvin_env
 
@@ -307,7 +307,7 @@ def test_hydra_config_instantiates():
     import hydra.utils
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "env" / "calvin.yaml")
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "ghil" / "configs" / "env" / "calvin.yaml")
     cfg.cameras = ["static"]
     cfg.static_size = 48
     with hydra.utils.instantiate(cfg) as e:
@@ -323,13 +323,13 @@ def test_composes_inside_a_running_hydra_app():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    configs = Path(__file__).parents[1] / "configs"
+    configs = Path(__file__).parents[1] / "ghil" / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base=None):
         app_hydra = GlobalHydra.instance().hydra
         with CalvinEnv(cameras=[]) as e:
             assert e.config.scene.global_scaling == 0.8
         assert GlobalHydra.instance().hydra is app_hydra
-        assert compose("env/calvin").env._target_ == "sim_eval.calvin_bridge.CalvinEnv"  # the app still composes
+        assert compose("env/calvin").env._target_ == "sim_eval.world.calvin_bridge.CalvinEnv"  # the app still composes
 
 
 def test_calvin_oracle_matches_the_protocol_checks(state_env):
@@ -363,7 +363,7 @@ def _protocol_checks():
 
 
 def test_reset_to_all_192_symbolic_states(state_env):
-    initial_states = pytest.importorskip("sim_eval.initial_states")
+    initial_states = pytest.importorskip("sim_eval.protocol.initial_states")
     states = initial_states.enumerate_symbolic_states()
     assert len(states) == 192
     for state in states:
@@ -378,7 +378,7 @@ def test_reset_to_all_192_symbolic_states(state_env):
 
 
 def test_oracle_on_calvin_env(state_env):
-    oracle_mod = pytest.importorskip("sim_eval.oracle")
+    oracle_mod = pytest.importorskip("sim_eval.protocol.oracle")
     oracle = oracle_mod.TaskOracle()
     for end_scene, expected in _protocol_checks():
         state_env.reset(robot_obs=layout.NEUTRAL_ROBOT_OBS, scene_obs=_CHECK_START)
@@ -414,8 +414,8 @@ def _teleport_perturbations(scene: np.ndarray) -> list[np.ndarray]:
 
 def test_oracle_agrees_with_calvin_on_teleports(state_env):
     """Our oracle and calvin_env's report the same task sets for one-teleport changes from official states."""
-    oracle_mod = pytest.importorskip("sim_eval.oracle")
-    initial_states = pytest.importorskip("sim_eval.initial_states")
+    oracle_mod = pytest.importorskip("sim_eval.protocol.oracle")
+    initial_states = pytest.importorskip("sim_eval.protocol.initial_states")
     ours, theirs = oracle_mod.TaskOracle(), state_env.make_task_oracle()
     states = initial_states.enumerate_symbolic_states()
     fired: set[str] = set()
@@ -438,8 +438,8 @@ def test_oracle_agrees_with_calvin_on_teleports(state_env):
 
 def test_oracle_agrees_with_calvin_on_a_rollout(state_env):
     """Our oracle and calvin_env's report the same task sets along a random rollout from an official state."""
-    oracle_mod = pytest.importorskip("sim_eval.oracle")
-    initial_states = pytest.importorskip("sim_eval.initial_states")
+    oracle_mod = pytest.importorskip("sim_eval.protocol.oracle")
+    initial_states = pytest.importorskip("sim_eval.protocol.initial_states")
     ours, theirs = oracle_mod.TaskOracle(), state_env.make_task_oracle()
     state = initial_states.enumerate_symbolic_states()[0]
     state_env.reset(*initial_states.state_to_obs(state))

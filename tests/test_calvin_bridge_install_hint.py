@@ -1,4 +1,4 @@
-"""Without calvin_env, sim_eval.calvin_bridge still imports, and building an env says how to install calvin_env.
+"""Without calvin_env, sim_eval.world.calvin_bridge still imports, and building an env says how to install calvin_env.
 Runs everywhere: calvin_env is hidden from the import system even where it is installed."""
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ def no_calvin_env(monkeypatch):
 def test_module_imports_without_calvin_env(no_calvin_env):
     import importlib
 
-    import sim_eval.calvin_bridge as bridge
+    import sim_eval.world.calvin_bridge as bridge
 
     importlib.reload(bridge)  # module level must not touch calvin_env
     assert bridge.CalvinEnv.__doc__
 
 
 def test_missing_calvin_env_gives_install_instructions(no_calvin_env):
-    from sim_eval.calvin_bridge import CalvinEnv, CalvinEnvNotInstalled
+    from sim_eval.world.calvin_bridge import CalvinEnv, CalvinEnvNotInstalled
 
     with pytest.raises(CalvinEnvNotInstalled) as err:
         CalvinEnv()

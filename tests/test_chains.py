@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim_eval import chains
-from sim_eval.initial_states import enumerate_symbolic_states
-from sim_eval.tasks import TASK_NAMES
+from sim_eval.protocol import chains
+from sim_eval.protocol.initial_states import enumerate_symbolic_states
+from sim_eval.protocol.tasks import TASK_NAMES
 
 OFFICIAL_JSON = Path(chains.__file__).parent / "data" / "calvin_eval_sequences_1000.json"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ghil.runtime.chunks import ChunkQueue, binarize_gripper
+from ghil.runtime.chunks import ChunkQueue
+from ghil.types import binarize_gripper
 from ghil.types import ActionChunk
 
 torch.set_num_threads(1)

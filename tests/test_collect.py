@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from ghil.cli import CONFIG_DIR
 from ghil.data.calvin_dataset import CalvinDataset
-from sim_eval.collect import run
+from sim_eval.demonstrations.collect import run
 
 SMALL = ["env.static_size=32", "env.gripper_size=32", "collect.tasks_per_episode=2", "collect.workers=0",
          "collect.validation_every=2", "collect.calvin_state_fraction=1.0"]

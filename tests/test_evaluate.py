@@ -24,12 +24,12 @@ from hydra.errors import HydraException
 from ghil.cli import CONFIG_DIR
 from ghil.cli import main as ghil_main
 from ghil.interfaces import AgentDescription, CalvinAgent, DescribedAgent
-from sim_eval import evaluate
-from sim_eval.agents import ExpertAgent, FaultyAgent, HoldAgent
-from sim_eval.evaluate import ConfigMismatchError, EvaluationError, MergeError, merge
-from sim_eval.instructions import InstructionIndex, UnknownInstructionError, compose_instructions
-from sim_eval.records import FAILURE_INVALID_ACTION, ChainRecord
-from sim_eval.tasks import eval_instruction, heldout_phrasings
+from sim_eval.evaluation import evaluate
+from sim_eval.evaluation.agents import ExpertAgent, FaultyAgent, HoldAgent
+from sim_eval.evaluation.evaluate import ConfigMismatchError, EvaluationError, MergeError, merge
+from sim_eval.protocol.instructions import InstructionIndex, UnknownInstructionError, compose_instructions
+from sim_eval.evaluation.records import FAILURE_INVALID_ACTION, ChainRecord
+from sim_eval.protocol.tasks import eval_instruction, heldout_phrasings
 
 REPO = Path(__file__).resolve().parents[1]
 N_EXPERT_CHAINS = 3
@@ -72,7 +72,7 @@ def test_reference_run_follows_the_protocol_and_writes_results(reference):
     assert results["protocol"]["ep_len"] == 360 and results["protocol"]["mode"] == "standard"
     assert results["protocol"]["chains"].startswith("official[0:3]")
     assert results["metrics"]["avg_len"] == pytest.approx(sum(results["metrics"]["sr"].values()))
-    assert results["config"]["agent"]["_target_"] == "sim_eval.agents.ExpertAgent"
+    assert results["config"]["agent"]["_target_"] == "sim_eval.evaluation.agents.ExpertAgent"
     assert results["git"]["commit"] and results["ghil_version"] and results["seeds"]["base"] == 0
     assert results["warnings"] == [] and len(results["chains"]) == 3
     report = (reference.run_dir / "report.md").read_text()
@@ -152,7 +152,7 @@ def test_chain_seeds_do_not_depend_on_scheduling(tmp_path):
 @pytest.mark.parametrize("fault, message", [
     ("non_finite", "non-finite"), ("wrong_length", "must have 7 values"), ("bad_gripper", "exactly -1")])
 def test_malformed_action_fails_the_subtask_with_the_reason(tmp_path, fault, message):
-    res = run(tmp_path, "agent=faulty", "agent.inner._target_=sim_eval.agents.HoldAgent", f"agent.fault={fault}",
+    res = run(tmp_path, "agent=faulty", "agent.inner._target_=sim_eval.evaluation.agents.HoldAgent", f"agent.fault={fault}",
               "agent.at_reset=1", "agent.at_step=2", "eval.ep_len=6", "eval.n_videos=0", "eval.n_chains=2")
     first, second = res.records
     assert first.subtasks[-1].failure == "timeout"  # reset 0: chain 0's first subtask, no fault
@@ -172,7 +172,7 @@ def test_malformed_action_after_a_success_keeps_the_success(tmp_path):
 
 
 def test_agent_exception_fails_the_run_keeps_finished_chains_and_resumes(tmp_path):
-    crash = ["agent=faulty", "agent.inner._target_=sim_eval.agents.HoldAgent", "agent.fault=raise",
+    crash = ["agent=faulty", "agent.inner._target_=sim_eval.evaluation.agents.HoldAgent", "agent.fault=raise",
              "agent.at_reset=1", "eval.ep_len=6", "eval.n_videos=0", "eval.n_chains=3", "eval.agent_errors=raise"]
     with pytest.raises(EvaluationError, match="chain 1 failed.*AgentFault"):
         run(tmp_path, *crash)
@@ -191,7 +191,7 @@ def test_agent_exception_fails_the_run_keeps_finished_chains_and_resumes(tmp_pat
 
 
 def test_agent_exception_is_recorded_by_default(tmp_path):
-    res = run(tmp_path, "agent=faulty", "agent.inner._target_=sim_eval.agents.HoldAgent", "agent.fault=raise",
+    res = run(tmp_path, "agent=faulty", "agent.inner._target_=sim_eval.evaluation.agents.HoldAgent", "agent.fault=raise",
               "agent.at_reset=1", "agent.at_step=3", "eval.ep_len=6", "eval.n_videos=0", "eval.n_chains=3")
     assert res.complete and [r.n_completed for r in res.records] == [0, 0, 0]
     sub = res.records[1].subtasks[-1]
@@ -319,7 +319,7 @@ def test_expert_agent_maps_phrasings_and_splits_composite_instructions():
     assert index.tasks_for(text) == ["open_drawer", "turn_on_led"]
     with pytest.raises(UnknownInstructionError, match="closest known phrasings"):
         index.task_for("pull the handle to open the drawers now")
-    from sim_eval.initial_states import enumerate_symbolic_states, state_to_obs
+    from sim_eval.protocol.initial_states import enumerate_symbolic_states, state_to_obs
 
     robot_obs, scene_obs = state_to_obs(enumerate_symbolic_states()[0])
     agent = ExpertAgent()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim_eval import layout
-from sim_eval.expert import ScriptedExpert, task_feasible
-from sim_eval.initial_states import state_to_obs
-from sim_eval.oracle import TaskOracle
-from sim_eval.play import run_play_episode
-from sim_eval.playtable.env import PlayTableEnv
-from sim_eval.tasks import TASK_NAMES
+from sim_eval.world import layout
+from sim_eval.demonstrations.expert import ScriptedExpert, task_feasible
+from sim_eval.protocol.initial_states import state_to_obs
+from sim_eval.protocol.oracle import TaskOracle
+from sim_eval.demonstrations.play import run_play_episode
+from sim_eval.world.playtable.env import PlayTableEnv
+from sim_eval.protocol.tasks import TASK_NAMES
 
 NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])
 
@@ -99,7 +99,7 @@ def test_expert_solves_and_noop_does_not(world, task):
 
 def test_calvin_initial_state_chain_zero(world):
     """The expert completes the first official chain's first task from its exact initial state."""
-    from sim_eval.chains import official_subset
+    from sim_eval.protocol.chains import official_subset
 
     env, oracle, expert = world
     state, tasks = official_subset(1)[0]

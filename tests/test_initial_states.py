@@ -5,8 +5,8 @@ import contextlib
 import numpy as np
 import pytest
 
-from sim_eval import layout
-from sim_eval.initial_states import (
+from sim_eval.world import layout
+from sim_eval.protocol.initial_states import (
     SYMBOLIC_STATE_KEYS,
     calvin_fnv1_32,
     canonical_state,

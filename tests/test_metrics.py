@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sim_eval.chains import load_official_chains
-from sim_eval.metrics import average_length, success_rates, summarize, task_counts
-from sim_eval.records import FAILURE_INVALID_ACTION, FAILURE_TIMEOUT, ChainRecord, RecordError, SubtaskRecord
+from sim_eval.protocol.chains import load_official_chains
+from sim_eval.evaluation.metrics import average_length, success_rates, summarize, task_counts
+from sim_eval.evaluation.records import FAILURE_INVALID_ACTION, FAILURE_TIMEOUT, ChainRecord, RecordError, SubtaskRecord
 
 OFFICIAL = load_official_chains()
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from sim_eval import layout
-from sim_eval.oracle import MalformedInfoError, TaskOracle, push_object
-from sim_eval.tasks import TASK_NAMES
+from sim_eval.world import layout
+from sim_eval.protocol.oracle import MalformedInfoError, TaskOracle, push_object
+from sim_eval.protocol.tasks import TASK_NAMES
 
 ROBOT, TABLE = 1, 5
 UIDS = {"block_red": 2, "block_blue": 3, "block_pink": 4}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim_eval import layout
-from sim_eval.action_validation import InvalidActionError, InvalidStateError
-from sim_eval.initial_states import enumerate_symbolic_states, state_to_obs
-from sim_eval.playtable.cameras import StaleObservationError
-from sim_eval.playtable.env import PlayTableEnv
-from sim_eval.playtable.gym_env import PlayTableGymEnv
+from sim_eval.world import layout
+from sim_eval.world.action_validation import InvalidActionError, InvalidStateError
+from sim_eval.protocol.initial_states import enumerate_symbolic_states, state_to_obs
+from sim_eval.world.playtable.cameras import StaleObservationError
+from sim_eval.world.playtable.env import PlayTableEnv
+from sim_eval.world.playtable.gym_env import PlayTableGymEnv
 
 NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])
 

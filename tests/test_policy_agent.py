@@ -10,10 +10,10 @@ from _policy_fixtures import SIZE, fake_stats, tiny_config
 from ghil.runtime.policy_agent import NoGoal, PolicyAgent
 from planners.oracle_subgoal import OracleSubgoal
 from policies.dit import DiTPolicy
-from sim_eval.chains import official_subset
-from sim_eval.initial_states import state_to_obs
-from sim_eval.playtable.env import PlayTableEnv
-from sim_eval.tasks import eval_instruction
+from sim_eval.protocol.chains import official_subset
+from sim_eval.protocol.initial_states import state_to_obs
+from sim_eval.world.playtable.env import PlayTableEnv
+from sim_eval.protocol.tasks import eval_instruction
 
 
 class CountingPolicy:
@@ -92,7 +92,7 @@ def test_oracle_subgoal_follows_the_expert_reference(env):
 
 
 def test_oracle_subgoal_from_current_state_is_the_experts_frame_k_steps_from_here(env):
-    from sim_eval.expert import ScriptedExpert
+    from sim_eval.demonstrations.expert import ScriptedExpert
 
     k = 6
     goals = OracleSubgoal(lookahead=k, static_size=SIZE, from_current_state=True)
@@ -116,8 +116,8 @@ def test_oracle_subgoal_from_current_state_is_the_experts_frame_k_steps_from_her
 
 
 def test_policy_agent_runs_in_the_evaluation_loop(env):
-    from sim_eval.oracle import TaskOracle
-    from sim_eval.rollout import Chain, run_chain
+    from sim_eval.protocol.oracle import TaskOracle
+    from sim_eval.evaluation.rollout import Chain, run_chain
 
     policy = _policy(use_goal=True, use_language=False)
     agent = PolicyAgent(policy, OracleSubgoal(lookahead=8, static_size=SIZE))

@@ -36,4 +36,4 @@ def test_untrained_preset_and_bad_step_count(benchmark):
     assert report["sampler"] == "DDIMSampler" and report["checkpoint"].startswith("untrained policy=dit_small")
     assert report["trainable_params"] > 1_000_000
     with pytest.raises(ValueError, match="power of two"):
-        benchmark.main(["--checkpoint", str(REPO / "checkpoints" / "dit_small"), "--steps", "3", "--calls", "1"])
+        benchmark.main(["--checkpoint", str(REPO / "ghil" / "checkpoints" / "dit_small"), "--steps", "3", "--calls", "1"])

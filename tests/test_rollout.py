@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim_eval.chains import load_official_chains
-from sim_eval.rollout import Chain, chain_seed, run_chain
+from sim_eval.protocol.chains import load_official_chains
+from sim_eval.evaluation.rollout import Chain, chain_seed, run_chain
 
 STATE, TASKS = load_official_chains()[0]
 NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])

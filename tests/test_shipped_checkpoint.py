@@ -15,9 +15,9 @@ from hydra.utils import instantiate
 from ghil.checkpoint import load_pretrained
 from ghil.cli import CONFIG_DIR
 from ghil.types import Observation
-from sim_eval.chains import load_official_chains
-from sim_eval.initial_states import state_to_obs
-from sim_eval.playtable.env import PlayTableEnv
+from sim_eval.protocol.chains import load_official_chains
+from sim_eval.protocol.initial_states import state_to_obs
+from sim_eval.world.playtable.env import PlayTableEnv
 
 REPO = Path(__file__).resolve().parents[1]
 # checkpoint folder (named after the `ghil train` preset it was trained with) -> the agent config that loads it
@@ -26,7 +26,7 @@ SHIPPED = {"dit_small": "oracle_subgoal_policy", "dit_lang": "flat_policy"}
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_is_small_documented_and_matches_the_preset(name):
-    folder = REPO / "checkpoints" / name
+    folder = REPO / "ghil" / "checkpoints" / name
     files = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "README.md"} <= set(files), files
     assert sum(files.values()) <= 10 * 1024 * 1024, files

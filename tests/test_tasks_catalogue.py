@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sim_eval import tasks
+from sim_eval.protocol import tasks
 
 DATA = Path(tasks.__file__).parent / "data"
 

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from ghil.checkpoint import load_pretrained
 from ghil.cli import CONFIG_DIR
-from ghil.data.augment import AugmentConfig
+from ghil.nn.augment import AugmentConfig
 from ghil.data.policy_dataset import PolicyDataConfig, PolicyDataset, collate_policy, compute_policy_stats
 from ghil.train import TrainConfig, Trainer, latest_checkpoint
 from ghil.types import Observation

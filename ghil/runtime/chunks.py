@@ -30,15 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ghil.types import ActionChunk
-
-
-def binarize_gripper(actions: Tensor, gripper_index: int) -> Tensor:
-    """A copy of ``actions`` (..., d) whose gripper column is exactly +1 (open, also for 0) or -1 (close)."""
-    out = actions.clone()
-    g = out[..., gripper_index]
-    out[..., gripper_index] = torch.where(g >= 0, torch.ones_like(g), -torch.ones_like(g))
-    return out
+from ghil.types import ActionChunk, binarize_gripper
 
 
 @dataclass

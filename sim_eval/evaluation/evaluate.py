@@ -1,0 +1,764 @@
+"""`ghil eval`: CALVIN's long-horizon evaluation (protocol §5) of any ``CalvinAgent`` on any env, resumable,
+parallel and shardable, with results.json, report.md, a console table and rollout videos.
+
+    ghil eval                                            # agent=expert env=playtable, first 100 official chains
+    ghil eval agent=expert env=calvin env.cameras=[] eval.n_videos=0
+    ghil eval eval.n_chains=1000 eval.workers=2          # the full official protocol
+    ghil eval eval.mode=heldout_phrasings                # or long_horizon
+    ghil eval -m eval.shard=0,1,2,3 eval.n_shards=4 hydra/launcher=joblib      # shards, then:
+    ghil eval merge outputs/eval/<run> out=outputs/eval/<run>/merged
+
+Run folder (``eval.out_dir``, or ``<out_dir>/shard_KKK-of-NNN`` for a shard):
+
+* ``run.json``: the configuration fingerprint, the full resolved config and this folder's chain indices, written
+  before the first chain; a later run into the same folder resumes only if its fingerprint matches.
+* ``chains.jsonl``: one ``ChainRecord`` per finished chain, appended and fsynced as each finishes (a torn last
+  line from a kill is dropped on resume, so no chain is lost or counted twice).
+* ``status.json``: ``running`` / ``complete`` / ``failed`` (with the error).
+* ``results.json``, ``report.md``, ``per_task.svg``, ``sr_curve.svg``, ``videos/chain_NNNN.mp4``.
+
+Chains are independent: each is seeded from ``(eval.seed, chain index)`` and starts with an env reset, so a
+chain's record never depends on the worker count, the shard or what ran before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ghil.interfaces import CalvinAgent
+from sim_eval.protocol.chains import NUM_OFFICIAL_CHAINS, load_official_chains
+from sim_eval.protocol.instructions import MODES
+from sim_eval.evaluation.metrics import EvalMetrics, summarize
+from sim_eval.evaluation.records import ChainRecord, RecordError
+from sim_eval.evaluation.report import console_table, write_report
+from sim_eval.evaluation.rollout import EP_LEN, Chain, chain_seed, run_chain
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+RUN_FILE, CHAINS_FILE, STATUS_FILE = "run.json", "chains.jsonl", "status.json"
+RESULTS_FILE, LOCK_FILE = "results.json", ".lock"
+
+
+class EvaluationError(RuntimeError):
+    """A run that cannot start or did not finish: bad settings, a locked or mismatched folder, a failed chain."""
+
+
+class ConfigMismatchError(EvaluationError):
+    """The results folder was made with a different configuration (resuming would mix two experiments)."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """``cfg.eval``: which chains, which protocol variant, and how to run them."""
+
+    n_chains: int = 100  # evaluate official chains [chain_start, chain_start + n_chains)
+    chain_start: int = 0  # 0: "the first N of the official 1000", what reports use
+    mode: str = "standard"  # standard | heldout_phrasings | long_horizon
+    ep_len: int = EP_LEN  # env steps per subtask; CALVIN's 360, anything else is not the protocol
+    seed: int = 0  # base seed; chain i is seeded with chain_seed(seed, i)
+    workers: int = 1  # worker processes on this machine (1: run in this process)
+    threads: int | None = None  # torch threads per process running chains (null: torch's default); 1 with workers
+    shard: int = 0  # this job runs the chains at positions shard, shard + n_shards, ... of the subset
+    n_shards: int = 1
+    out_dir: str = "outputs/eval/run"
+    n_videos: int = 3  # rollout videos of the first n_videos chains of the subset
+    video_fps: int = 30
+    overwrite: bool = False  # discard an existing results folder instead of resuming it
+    agent_errors: str = "record"  # record: an exception in agent.step fails that subtask (agent_error); raise: stop
+    # Build a new env for every chain. calvin_env's reset keeps pybullet's contact caches and solver warm starts,
+    # so there a chain's outcome depends (slightly) on the chains run before it in the same env, i.e. on the worker
+    # count and sharding; a fresh env makes each record a function of the chain alone (~0.5 s extra per chain).
+    # The playtable already resets history-free, so it needs no rebuild.
+    fresh_env_per_chain: bool = False
+
+    def __post_init__(self) -> None:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("n_chains", "chain_start", "ep_len", "seed", "workers", "shard", "n_shards", "n_videos",
+                     "video_fps"):
+            if not is_int(getattr(self, name)):
+                raise EvaluationError(f"eval.{name} must be an integer, got {getattr(self, name)!r}")
+        if not (0 <= self.chain_start < NUM_OFFICIAL_CHAINS and 1 <= self.n_chains
+                and self.chain_start + self.n_chains <= NUM_OFFICIAL_CHAINS):
+            raise EvaluationError(
+                f"the chain subset [{self.chain_start}, {self.chain_start + self.n_chains}) is outside the official "
+                f"{NUM_OFFICIAL_CHAINS} chains: need 0 <= eval.chain_start and 1 <= eval.n_chains with "
+                f"chain_start + n_chains <= {NUM_OFFICIAL_CHAINS}")
+        if self.mode not in MODES:
+            raise EvaluationError(f"unknown eval.mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.ep_len < 1:
+            raise EvaluationError(f"eval.ep_len must be >= 1, got {self.ep_len}")
+        if self.workers < 1:
+            raise EvaluationError(f"eval.workers must be >= 1, got {self.workers}")
+        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
+            raise EvaluationError(f"eval.threads must be null or an integer >= 1, got {self.threads!r}")
+        if not (1 <= self.n_shards <= self.n_chains and 0 <= self.shard < self.n_shards):
+            raise EvaluationError(f"need 1 <= eval.n_shards <= n_chains ({self.n_chains}) and 0 <= eval.shard < "
+                                  f"n_shards, got shard={self.shard}, n_shards={self.n_shards}")
+        if self.agent_errors not in ("record", "raise"):
+            raise EvaluationError(f"eval.agent_errors must be 'record' or 'raise', got {self.agent_errors!r}")
+        if self.n_videos < 0 or self.video_fps < 1:
+            raise EvaluationError("eval.n_videos must be >= 0 and eval.video_fps >= 1")
+
+    @classmethod
+    def from_config(cls, node) -> EvalSettings:
+        raw = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise EvaluationError(f"unknown eval settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        return cls(**raw)
+
+    @property
+    def subset(self) -> range:
+        return range(self.chain_start, self.chain_start + self.n_chains)
+
+    @property
+    def chain_indices(self) -> list[int]:
+        """The official chain indices this job runs."""
+        return list(self.subset[self.shard::self.n_shards])
+
+    @property
+    def run_dir(self) -> Path:
+        base = Path(self.out_dir)
+        return base if self.n_shards == 1 else base / f"shard_{self.shard:03d}-of-{self.n_shards:03d}"
+
+    @property
+    def subset_label(self) -> str:
+        if self.chain_start == 0:
+            return f"official[0:{self.n_chains}] (the first {self.n_chains} of the official 1000)"
+        return f"official[{self.chain_start}:{self.chain_start + self.n_chains}] of the official 1000"
+
+    def protocol(self) -> dict:
+        """The settings that change results (fingerprinted); workers, sharding, videos and paths do not."""
+        return {"n_chains": self.n_chains, "chain_start": self.chain_start, "mode": self.mode,
+                "ep_len": self.ep_len, "seed": self.seed, "fresh_env_per_chain": self.fresh_env_per_chain}
+
+
+@dataclass
+class EvalResult:
+    """What ``run`` / ``merge`` produced."""
+
+    run_dir: Path
+    records: list[ChainRecord]  # sorted by chain index
+    metrics: EvalMetrics | None  # None when no chain finished
+    complete: bool
+    results: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+def resolved_config(cfg: DictConfig) -> dict:
+    """The full config as plain data (interpolations resolved), without Hydra's own node."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    return data
+
+
+def fingerprint_of(config: dict, settings: EvalSettings) -> tuple[str, dict]:
+    """A short hash of everything that determines the results: env, agent and the protocol settings."""
+    import hashlib
+
+    missing = [k for k in ("env", "agent") if k not in config]
+    if missing:
+        raise EvaluationError(f"the config has no {missing} section; compose it with env=... agent=...")
+    protocol = {"env": config["env"], "agent": config["agent"], "eval": settings.protocol()}
+    digest = hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest, protocol
+
+
+def _choice_names(config: dict) -> dict:
+    """``{"env": ..., "agent": ...}``: the Hydra group choices when running under Hydra, else the targets."""
+    names = {k: str(config[k].get("_target_", "?")).rsplit(".", 1)[-1] for k in ("env", "agent")}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+        names.update({k: choices[k] for k in ("env", "agent") if choices.get(k)})
+    except Exception:  # not under @hydra.main (tests, merge): keep the class names
+        pass
+    return names
+
+
+def _git_info() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except Exception:
+        return {"commit": "unknown", "dirty": None}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ghil")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _diff(old, new, prefix: str = "") -> list[str]:
+    """Flattened differences between two nested configs, for mismatch messages."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out += _diff(old.get(key, "<absent>"), new.get(key, "<absent>"), path)
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+class RunFolder:
+    """One results folder: metadata, the append-only chain log, status and an exclusive lock.
+
+    Example::
+
+        folder = RunFolder(path)
+        with folder.locked():
+            done = folder.start(meta, overwrite=False)   # -> records already there (resume)
+            folder.append(record)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- lock: refuses a second run into the same folder; a lock left by a killed run on this host is taken over
+    def locked(self):
+        folder = self
+
+        class _Lock:
+            def __enter__(self_inner):
+                folder._acquire()
+                return folder
+
+            def __exit__(self_inner, *exc):
+                (folder.path / LOCK_FILE).unlink(missing_ok=True)
+
+        return _Lock()
+
+    def _acquire(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / LOCK_FILE
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = lock.read_text().strip() if lock.exists() else ""
+                host, _, pid = owner.partition(":")
+                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                    log.warning("taking over the lock of a run that is gone (%s) in %s", owner, self.path)
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise EvaluationError(
+                    f"{self.path} is in use by another evaluation ({owner or 'unknown owner'}); wait for it, or "
+                    f"delete {lock} if that run is dead") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return
+        raise EvaluationError(f"could not lock {self.path}")
+
+    # -- metadata
+    def read_meta(self) -> dict | None:
+        path = self.path / RUN_FILE
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EvaluationError(f"{path} is corrupt ({exc}); move the folder away to start over") from None
+
+    def start(self, meta: dict, overwrite: bool) -> list[ChainRecord]:
+        """Prepare the folder for ``meta``'s run; return the chain records it already holds (resume)."""
+        old = self.read_meta()
+        if old is not None and overwrite:
+            for name in (RUN_FILE, CHAINS_FILE, STATUS_FILE, RESULTS_FILE, "report.md", "per_task.svg",
+                         "sr_curve.svg"):
+                (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "videos", ignore_errors=True)
+            old = None
+        if old is None:
+            if (self.path / CHAINS_FILE).exists():
+                raise EvaluationError(f"{self.path} has {CHAINS_FILE} but no {RUN_FILE}; move it away")
+            _write_json_atomic(self.path / RUN_FILE, meta)
+            return []
+        if old.get("format_version") != FORMAT_VERSION:
+            raise EvaluationError(f"{self.path} was written by another results format "
+                                  f"({old.get('format_version')}); use another eval.out_dir")
+        if old["fingerprint"] != meta["fingerprint"] or old["shard"] != meta["shard"] \
+                or old["n_shards"] != meta["n_shards"]:
+            changes = _diff({"protocol": old["protocol"], "shard": old["shard"], "n_shards": old["n_shards"]},
+                            {"protocol": meta["protocol"], "shard": meta["shard"], "n_shards": meta["n_shards"]})
+            raise ConfigMismatchError(
+                f"{self.path} holds results of a different configuration, so resuming would mix two experiments. "
+                f"Changed: {'; '.join(changes)}. Use another eval.out_dir, or eval.overwrite=true to discard "
+                f"the old results.")
+        history = old.get("git_history", [old.get("git")])
+        if meta["git"] not in history:
+            log.warning("resuming %s (made at commit %s) from commit %s: the code changed between sessions; "
+                        "results.json lists every commit in git_history", self.path,
+                        old.get("git", {}).get("commit"), meta["git"]["commit"])
+            _write_json_atomic(self.path / RUN_FILE, {**old, "git_history": [*history, meta["git"]]})
+        return self.read_records(expected=meta["chain_indices"], repair=True)
+
+    # -- chain log
+    def read_records(self, expected: list[int] | None = None, repair: bool = False) -> list[ChainRecord]:
+        """Parse ``chains.jsonl``. A torn last line (killed mid-write) is dropped, and cut off when ``repair``.
+        Corrupt lines, duplicate chains or chains outside ``expected`` are errors."""
+        path = self.path / CHAINS_FILE
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        complete, _, torn = data.rpartition(b"\n")
+        if torn:
+            log.warning("%s ends with a partial record (a run was killed while writing); dropping it", path)
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(len(complete) + 1 if complete else 0)
+                    f.flush()
+                    os.fsync(f.fileno())
+        records: dict[int, ChainRecord] = {}
+        official = load_official_chains()
+        for lineno, line in enumerate(complete.decode("utf-8").splitlines() if complete else [], start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = ChainRecord.from_json(line)
+            except RecordError as exc:
+                raise EvaluationError(f"{path}:{lineno}: {exc}") from None
+            if rec.chain_index in records:
+                raise EvaluationError(f"{path}:{lineno}: chain {rec.chain_index} is recorded twice (were two runs "
+                                      "writing this folder at once?)")
+            if expected is not None and rec.chain_index not in expected:
+                raise EvaluationError(f"{path}:{lineno}: chain {rec.chain_index} does not belong to this run")
+            if not 0 <= rec.chain_index < NUM_OFFICIAL_CHAINS or rec.tasks != official[rec.chain_index][1]:
+                raise EvaluationError(f"{path}:{lineno}: chain {rec.chain_index}'s tasks are not the official ones")
+            records[rec.chain_index] = rec
+        return [records[i] for i in sorted(records)]
+
+    def append(self, record: ChainRecord) -> None:
+        with open(self.path / CHAINS_FILE, "a", encoding="utf-8") as f:
+            f.write(record.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_status(self, state: str, **extra) -> None:
+        _write_json_atomic(self.path / STATUS_FILE, {
+            "state": state, "host": socket.gethostname(), "pid": os.getpid(),
+            "updated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra})
+
+    def read_status(self) -> dict:
+        path = self.path / STATUS_FILE
+        try:
+            return json.loads(path.read_text()) if path.exists() else {"state": "unknown"}
+        except json.JSONDecodeError:
+            return {"state": "unknown"}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- chain runner
+def build_agent(agent_cfg) -> CalvinAgent:
+    """Instantiate ``cfg.agent`` and check it has CALVIN's agent interface."""
+    from hydra.utils import instantiate
+
+    agent = instantiate(agent_cfg)
+    if not isinstance(agent, CalvinAgent):
+        raise EvaluationError(f"agent config {agent_cfg.get('_target_')} built a {type(agent).__name__}, which "
+                              "lacks reset() / step(obs, instruction) (ghil.interfaces.CalvinAgent)")
+    return agent
+
+
+def build_oracle(env):
+    """calvin_env's own oracle when the env offers one (the real-calvin bridge), else ghil's re-implementation."""
+    if hasattr(env, "make_task_oracle"):
+        return env.make_task_oracle()
+    from sim_eval.protocol.oracle import TaskOracle
+
+    return TaskOracle()
+
+
+class ChainRunner:
+    """Builds env, agent and oracle once, then runs chains by official index (one per worker process)."""
+
+    def __init__(self, config: dict, settings: EvalSettings, run_dir: Path) -> None:
+        from hydra.utils import instantiate
+
+        cfg = OmegaConf.create(config)
+        self.settings, self.run_dir = settings, Path(run_dir)
+        if settings.threads is not None:  # policies run torch; one thread per worker avoids oversubscription
+            import torch
+
+            torch.set_num_threads(settings.threads)
+        self._make_env = lambda: instantiate(cfg.env)
+        self.env = self._make_env()
+        self.agent = build_agent(cfg.agent)
+        self.oracle = build_oracle(self.env)
+        self._official = load_official_chains()
+        self._n_run = 0
+
+    def run(self, index: int) -> ChainRecord:
+        if self.settings.fresh_env_per_chain and self._n_run > 0:
+            self.close()
+            self.env = self._make_env()
+        self._n_run += 1
+        state, tasks = self._official[index]
+        chain = Chain(index, state, tasks)
+        seed = chain_seed(self.settings.seed, index)
+        video = self._video_for(index)
+        record_errors = self.settings.agent_errors == "record"
+        if video is None:
+            return run_chain(self.env, self.agent, self.oracle, chain, self.settings.mode, self.settings.ep_len, seed,
+                             record_agent_errors=record_errors)
+        try:
+            record = run_chain(self.env, self.agent, self.oracle, chain, self.settings.mode, self.settings.ep_len,
+                               seed, frames=video, record_agent_errors=record_errors)
+        finally:
+            video.close()
+        os.replace(video.path, video.path.with_name(video.path.name.replace(".partial", "")))
+        return record
+
+    def _video_for(self, index: int):
+        if index - self.settings.chain_start >= self.settings.n_videos:
+            return None
+        if "static" not in getattr(self.env, "camera_names", ["static"]):
+            log.warning("no video for chain %d: the env renders no static camera (env.cameras)", index)
+            return None
+        from sim_eval.evaluation.video import RolloutVideo
+
+        (self.run_dir / "videos").mkdir(parents=True, exist_ok=True)
+        return RolloutVideo(self.run_dir / "videos" / f"chain_{index:04d}.partial.mp4", fps=self.settings.video_fps)
+
+    def close(self) -> None:
+        close = getattr(self.env, "close", None)
+        if close:
+            close()
+
+
+# Worker-process state: the job description arrives with the pool initializer (which must not fail: a failing
+# initializer makes multiprocessing respawn workers forever), the runner is built on the first chain.
+_WORKER_JOB: tuple | None = None
+_WORKER_RUNNER: ChainRunner | None = None
+
+
+def _worker_init(config: dict, settings: dict, run_dir: str) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = (config, EvalSettings(**settings), Path(run_dir))
+    logging.basicConfig(level=logging.WARNING)
+
+
+def _worker_run(index: int) -> tuple[str, int, str]:
+    global _WORKER_RUNNER
+    try:
+        if _WORKER_RUNNER is None:
+            _WORKER_RUNNER = ChainRunner(*_WORKER_JOB)
+        return "ok", index, _WORKER_RUNNER.run(index).to_json()
+    except BaseException:  # reported to the parent, which stops the run; KeyboardInterrupt included
+        return "error", index, traceback.format_exc()
+
+
+def _run_chains(config: dict, settings: EvalSettings, folder: RunFolder, todo: list[int], on_record) -> None:
+    """Run ``todo`` (official indices) in ``settings.workers`` processes; ``on_record`` gets each finished record."""
+    if settings.workers == 1 or len(todo) == 1:
+        runner = ChainRunner(config, settings, folder.path)
+        try:
+            for index in todo:
+                try:
+                    record = runner.run(index)
+                except Exception as exc:
+                    raise EvaluationError(f"chain {index} failed: {type(exc).__name__}: {exc}") from exc
+                on_record(record)
+        finally:
+            runner.close()
+        return
+    ctx = multiprocessing.get_context("spawn")
+    n_workers = min(settings.workers, len(todo))
+    with ctx.Pool(n_workers, initializer=_worker_init, initargs=(config, asdict(settings), str(folder.path))) as pool:
+        for status, index, payload in pool.imap_unordered(_worker_run, todo, chunksize=1):
+            if status == "error":
+                pool.terminate()
+                raise EvaluationError(f"chain {index} failed in a worker process:\n{payload}")
+            on_record(ChainRecord.from_json(payload))
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def run(cfg: DictConfig) -> EvalResult:
+    """``ghil eval``: evaluate (or resume) one run folder and write its results and report."""
+    settings = EvalSettings.from_config(cfg.eval)
+    config = resolved_config(cfg)
+    fingerprint, protocol = fingerprint_of(config, settings)
+    warnings = _protocol_warnings(settings)
+    for warning in warnings:
+        log.warning("%s", warning)
+    folder = RunFolder(settings.run_dir)
+    meta = {
+        "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "protocol": protocol,
+        "shard": settings.shard, "n_shards": settings.n_shards, "chain_indices": settings.chain_indices,
+        "names": _choice_names(config), "config": config, "ghil_version": _version(), "git": _git_info(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with folder.locked():
+        done = folder.start(meta, settings.overwrite)
+        have = {rec.chain_index for rec in done}
+        todo = [i for i in settings.chain_indices if i not in have]
+        if done:
+            log.warning("resuming %s: %d of %d chains already done", folder.path, len(done),
+                        len(settings.chain_indices))
+        records = {rec.chain_index: rec for rec in done}
+        t0 = time.perf_counter()
+        progress = _Progress(len(settings.chain_indices), len(done))
+
+        def on_record(record: ChainRecord) -> None:
+            folder.append(record)
+            records[record.chain_index] = record
+            progress.update(record)
+
+        folder.write_status("running", n_done=len(done), n_total=len(settings.chain_indices))
+        try:
+            if todo:
+                _run_chains(config, settings, folder, todo, on_record)
+        except BaseException as exc:
+            folder.write_status("failed", error=f"{type(exc).__name__}: {exc}", n_done=len(records),
+                                n_total=len(settings.chain_indices))
+            raise
+        finally:
+            progress.close()
+        wall_s = time.perf_counter() - t0
+        timing = {"workers": settings.workers, "n_chains_run": len(todo), "wall_s": round(wall_s, 2),
+                  "chains_per_min": round(60 * len(todo) / wall_s, 3) if todo and wall_s > 0 else None}
+        ordered = [records[i] for i in sorted(records)]
+        stored = folder.read_meta() or {}
+        meta_now = {**meta, "git_history": stored.get("git_history", [meta["git"]])}
+        result = _finish(folder.path, meta_now, ordered, settings, warnings, timing,
+                         title=f"{meta['names']['agent']} on {meta['names']['env']}, {settings.subset_label}"
+                               + (f", shard {settings.shard} of {settings.n_shards}" if settings.n_shards > 1 else ""))
+        folder.write_status("complete", n_done=len(ordered), n_total=len(settings.chain_indices))
+    return result
+
+
+def _protocol_warnings(settings: EvalSettings) -> list[str]:
+    warnings = []
+    if settings.ep_len != EP_LEN:
+        warnings.append(f"NOT THE CALVIN PROTOCOL: eval.ep_len={settings.ep_len}, CALVIN uses {EP_LEN} steps per "
+                        "subtask; these numbers are not comparable with published results.")
+    if settings.mode != "standard":
+        warnings.append(f"mode {settings.mode}: a ghil variant of the protocol, not comparable with published "
+                        "CALVIN numbers.")
+    return warnings
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="chains", file=sys.stderr, dynamic_ncols=True)
+        self.lengths: list[int] = []
+
+    def update(self, record: ChainRecord) -> None:
+        self.lengths.append(record.n_completed)
+        self.bar.set_postfix(avg_len=f"{sum(self.lengths) / len(self.lengths):.2f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _finish(run_dir: Path, meta: dict, records: list[ChainRecord], settings: EvalSettings, warnings: list[str],
+            timing: dict | None, title: str, extra: dict | None = None) -> EvalResult:
+    """Write results.json and report.md for ``records`` and print the console table."""
+    expected = meta["chain_indices"]
+    have = {rec.chain_index for rec in records}
+    missing = [i for i in expected if i not in have]
+    complete = not missing
+    if not records:
+        return EvalResult(Path(run_dir), [], None, False)
+    metrics = summarize(records)
+    n_agent_errors = metrics.failure_reasons.get("agent_error", 0)
+    if n_agent_errors:
+        warnings = [*warnings, f"{n_agent_errors} chain(s) stopped because the agent raised an exception "
+                               "(failure agent_error; the exception is in each record's detail)"]
+        log.warning("%s", warnings[-1])
+    videos = sorted(str(p.relative_to(run_dir)) for p in (Path(run_dir) / "videos").glob("chain_*.mp4")
+                    if ".partial" not in p.name) if (Path(run_dir) / "videos").exists() else []
+    results = {
+        "format_version": FORMAT_VERSION,
+        "complete": complete,
+        "missing_chains": missing,
+        "names": meta["names"],
+        "protocol": {
+            "benchmark": "CALVIN long-horizon multi-task language control (LH-MTLC)",
+            "chains": settings.subset_label, "n_chains": len(records), "chain_start": settings.chain_start,
+            "n_chains_requested": settings.n_chains, "chain_indices": [r.chain_index for r in records],
+            "mode": settings.mode, "ep_len": settings.ep_len, "standard_ep_len": settings.ep_len == EP_LEN,
+            "oracle": meta.get("oracle", _oracle_name(meta["config"])),
+        },
+        "seeds": {"base": settings.seed, "per_chain": "chain_seed(base, chain_index) = "
+                  "SeedSequence([base, chain_index]).generate_state(1)[0]"},
+        "metrics": metrics.to_dict(),
+        "timing": timing,
+        "warnings": warnings,
+        "videos": videos,
+        "fingerprint": meta["fingerprint"],
+        "shard": meta["shard"], "n_shards": meta["n_shards"],
+        "ghil_version": meta["ghil_version"], "git": meta["git"],
+        "git_history": meta.get("git_history", [meta["git"]]),
+        "config": meta["config"],
+        **(extra or {}),
+        "chains": [json.loads(rec.to_json()) for rec in records],
+    }
+    _write_json_atomic(Path(run_dir) / RESULTS_FILE, results)
+    write_report(Path(run_dir), results, metrics)
+    print(console_table(metrics, title=title + ("" if complete else f"  [INCOMPLETE: {len(missing)} missing]")))
+    print(f"results: {Path(run_dir) / RESULTS_FILE}\nreport:  {Path(run_dir) / 'report.md'}")
+    return EvalResult(Path(run_dir), records, metrics, complete, results)
+
+
+def _oracle_name(config: dict) -> str:
+    target = str(config.get("env", {}).get("_target_", ""))
+    return "calvin_env.envs.tasks.Tasks" if target.endswith("CalvinEnv") else "sim_eval.protocol.oracle.TaskOracle"
+
+
+# ---------------------------------------------------------------------------------------------- merge
+class MergeError(EvaluationError):
+    """Shards that cannot be merged: mismatched configurations, overlapping, missing or failed shards."""
+
+
+def _shard_dirs(inputs: list[Path]) -> list[Path]:
+    """Each input is a shard folder (has run.json) or a parent holding ``shard_*`` folders."""
+    dirs: list[Path] = []
+    for path in map(Path, inputs):
+        if (path / RUN_FILE).exists():
+            dirs.append(path)
+            continue
+        found = sorted(p for p in path.glob("shard_*") if (p / RUN_FILE).exists())
+        if not found:
+            raise MergeError(f"{path} is neither a results folder ({RUN_FILE}) nor a parent of shard_* folders")
+        dirs += found
+    return dirs
+
+
+def merge(inputs: list[Path], out_dir: Path, allow_partial: bool = False) -> EvalResult:
+    """Merge shard folders of one evaluation into ``out_dir`` (results.json, report.md, chains.jsonl).
+
+    Refuses shards of different configurations, two folders for the same shard, and overlapping chains. Missing,
+    failed or unfinished shards are listed; they are an error unless ``allow_partial`` (then the merged results
+    say ``complete: false`` and list the missing chains).
+    """
+    dirs = _shard_dirs(inputs)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() in {d.resolve() for d in dirs}:
+        raise MergeError(f"the output folder {out_dir} is one of the inputs")
+    metas = [(d, RunFolder(d).read_meta()) for d in dirs]
+    first_dir, first = metas[0]
+    for d, meta in metas[1:]:
+        if meta["fingerprint"] != first["fingerprint"] or meta["n_shards"] != first["n_shards"]:
+            changes = _diff({"protocol": first["protocol"], "n_shards": first["n_shards"]},
+                            {"protocol": meta["protocol"], "n_shards": meta["n_shards"]})
+            raise MergeError(f"{d} and {first_dir} are from different evaluations: {'; '.join(changes)}")
+    by_shard: dict[int, Path] = {}
+    for d, meta in metas:
+        if meta["shard"] in by_shard:
+            raise MergeError(f"shard {meta['shard']} given twice: {by_shard[meta['shard']]} and {d}")
+        by_shard[meta["shard"]] = d
+    n_shards = first["n_shards"]
+    problems = [f"shard {k} of {n_shards} is missing (no folder given)" for k in range(n_shards) if k not in by_shard]
+    records: dict[int, ChainRecord] = {}
+    shard_info = []
+    for d, meta in metas:
+        folder = RunFolder(d)
+        recs = folder.read_records(expected=meta["chain_indices"])
+        status = folder.read_status()
+        n_expected = len(meta["chain_indices"])
+        for rec in recs:
+            if rec.chain_index in records:
+                raise MergeError(f"chain {rec.chain_index} appears in two shards (overlap), e.g. {d}")
+            records[rec.chain_index] = rec
+        shard_info.append({"shard": meta["shard"], "dir": str(d), "n_done": len(recs), "n_expected": n_expected,
+                           "state": status.get("state"), "error": status.get("error"), "git": meta.get("git")})
+        if len(recs) < n_expected:
+            why = f"failed: {status.get('error')}" if status.get("state") == "failed" else \
+                f"state {status.get('state')!r} (killed or still running?)"
+            problems.append(f"shard {meta['shard']} ({d}) is unfinished: {len(recs)} of {n_expected} chains; {why}")
+    if problems and not allow_partial:
+        raise MergeError("cannot merge:\n  " + "\n  ".join(problems)
+                         + "\nresume the unfinished shards (rerun the same command), or pass --allow-partial")
+    for problem in problems:
+        log.warning("%s", problem)
+    settings = EvalSettings(**{**{k: v for k, v in first["config"]["eval"].items()
+                                  if k in {f.name for f in fields(EvalSettings)}},
+                               "shard": 0, "n_shards": 1, "out_dir": str(out_dir)})
+    meta = {**first, "shard": 0, "n_shards": 1, "chain_indices": list(settings.subset)}
+    commits = {json.dumps(m.get("git"), sort_keys=True) for _, m in metas}
+    meta["git_history"] = [json.loads(c) for c in sorted(commits)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = [records[i] for i in sorted(records)]
+    _write_json_atomic(out_dir / RUN_FILE, {**meta, "merged_from": [str(d) for d in dirs]})
+    with open(out_dir / CHAINS_FILE, "w", encoding="utf-8") as f:
+        f.writelines(rec.to_json() + "\n" for rec in ordered)
+    warnings = _protocol_warnings(settings) + problems
+    result = _finish(out_dir, meta, ordered, settings, warnings, timing=None,
+                     title=f"merged {len(dirs)} shard(s) of {n_shards}: {settings.subset_label}",
+                     extra={"merged_from": shard_info})
+    RunFolder(out_dir).write_status("complete" if result.complete else "partial", n_done=len(ordered),
+                                    n_total=settings.n_chains)
+    return result
+
+
+def merge_main(argv: list[str]) -> None:
+    """``ghil eval merge DIR [DIR ...] out=OUT_DIR [--allow-partial]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="ghil eval merge",
+        description="Merge the shard folders of one evaluation (each DIR a shard folder, or a folder holding "
+                    "shard_* folders) into one results folder.")
+    parser.add_argument("dirs", nargs="+", help="shard folders, or their parent")
+    parser.add_argument("--out", help="output folder (or give out=DIR)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="merge even if shards are missing or unfinished (results say complete: false)")
+    args = parser.parse_args(argv)
+    dirs, out = [], args.out
+    for item in args.dirs:
+        if item.startswith("out="):
+            out = item[len("out="):]
+        else:
+            dirs.append(item)
+    if not out or not dirs:
+        parser.error("give the shard folders and an output folder: ghil eval merge DIR [DIR ...] out=OUT_DIR")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        merge([Path(d) for d in dirs], Path(out), allow_partial=args.allow_partial)
+    except EvaluationError as exc:
+        sys.exit(f"ghil eval merge: {exc}")
