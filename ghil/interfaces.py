@@ -1,9 +1,18 @@
-"""The small interfaces the stages of ghil meet at.
+"""The small interfaces the stages of ghil meet at: the only things stages share (with the values in ``ghil.types``).
 
-``CalvinAgent`` is CALVIN's ``CalvinBaseModel`` contract (``reset()`` / ``step(obs, goal)``): anything with these two
-methods can be evaluated by ``ghil eval``, whether it is the scripted expert reading privileged state, a flat
-policy or the full hierarchy. An agent may also expose ``describe()``; rollout videos then show its reasoning text
-and chosen subgoal image next to the camera.
+The hierarchy, one Protocol per stage, each taking a typed ``Observation`` (never a simulator dict)::
+
+    Reasoner          reason(obs) -> Reasoning                           instruction + image -> plan, subtask, ...
+    SubgoalGenerator  propose(obs, subtask, n_candidates) -> (K, H, W, 3)  K imagined goal frames, one batched call
+    SubgoalFilter     score(obs, candidates, subtask) -> (K,)            higher means "makes progress on the task"
+    GoalProvider      goal(obs) -> Subgoal | None                        generator + filter, an oracle, or nothing
+    ChunkPolicy       predict_chunk(obs, goal) -> ActionChunk            the low-level policy
+    Agent             act(obs) -> action                                 the runtime composition (ghil.runtime)
+
+``CalvinAgent`` is CALVIN's ``CalvinBaseModel`` contract (``reset()`` / ``step(obs_dict, instruction)``), the edge
+where ``ghil eval`` meets an agent; ``sim_eval.evaluation.adapter`` turns any ``Agent`` into one. Stages that draw
+random numbers are ``Seedable``: the evaluation seeds them from the chain's seed at every subtask reset, so records
+do not depend on workers, shards or what ran before.
 
 Usage::
 
@@ -16,10 +25,20 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from ghil.types import ActionChunk, ActionSpace, AgentDescription, Observation, Reasoning, Subgoal
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CalvinAgent", "DescribedAgent", "Seedable", "Agent", "Reasoner", "SubgoalGenerator", "SubgoalFilter",
+           "GoalProvider", "ChunkPolicy", "Learnable", "TrainingRecipe", "Logger", "AgentDescription"]
+
+
+# -- the evaluation edge ----------------------------------------------------------------------------------------
 
 
 @runtime_checkable
@@ -36,28 +55,6 @@ class CalvinAgent(Protocol):
     def step(self, obs: dict, instruction: str) -> Any: ...
 
 
-@dataclass(frozen=True)
-class AgentDescription:
-    """What an agent is thinking at the current step, for rollout videos and logs."""
-
-    reasoning: str | None = None  # free text: plan, current subtask, chain-of-thought
-    subgoal: np.ndarray | None = None  # (H, W, 3) uint8 image the low-level policy is steering towards
-
-    @staticmethod
-    def coerce(value: AgentDescription | Mapping | None) -> AgentDescription:
-        """Accept the dataclass, a ``{"reasoning", "subgoal"}`` mapping (CALVIN-style agents) or ``None``."""
-        if value is None:
-            return AgentDescription()
-        if isinstance(value, AgentDescription):
-            return value
-        if isinstance(value, Mapping):
-            unknown = set(value) - {"reasoning", "subgoal"}
-            if unknown:
-                raise ValueError(f"describe() returned unknown keys {sorted(unknown)}; expected reasoning, subgoal")
-            return AgentDescription(value.get("reasoning"), value.get("subgoal"))
-        raise TypeError(f"describe() must return an AgentDescription or a mapping, got {type(value).__name__}")
-
-
 @runtime_checkable
 class DescribedAgent(CalvinAgent, Protocol):
     """A ``CalvinAgent`` that can explain its current step (optional; videos use it when present)."""
@@ -65,18 +62,93 @@ class DescribedAgent(CalvinAgent, Protocol):
     def describe(self) -> AgentDescription: ...
 
 
-# -- learning (policies, trainer) -------------------------------------------------------------------------------
+@runtime_checkable
+class Seedable(Protocol):
+    """A stage that draws random numbers; ``seed`` restarts its streams (called at every chain and subtask reset)."""
+
+    def seed(self, seed: int) -> None: ...
+
+
+# -- the runtime agent and its stages ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Agent(Protocol):
+    """A composed agent (ghil.runtime.PolicyAgent): one action per observation, episode state inside.
+
+    ``act`` returns one action vector in the units of ``space`` (``rel_ee``: the 7-D CALVIN relative action;
+    ``joint_abs``: 7 joint targets + gripper). ``reset`` clears the episode state (new instruction or subtask).
+    """
+
+    space: ActionSpace
+
+    def reset(self) -> None: ...
+
+    def act(self, obs: Observation) -> np.ndarray: ...
+
+    def describe(self) -> AgentDescription: ...
+
+
+@runtime_checkable
+class Reasoner(Protocol):
+    """Instruction (``obs.instruction``) + camera image -> Embodied-Chain-of-Thought ``Reasoning``."""
+
+    def reason(self, obs: Observation) -> Reasoning: ...
+
+
+@runtime_checkable
+class SubgoalGenerator(Protocol):
+    """Imagines the scene a few steps ahead: ``n_candidates`` goal frames from one batched call.
+
+    Returns uint8 ``(K, H, W, 3)`` images, or ``(K, T, H, W, 3)`` clips for video generators.
+    """
+
+    def propose(self, obs: Observation, subtask: str, n_candidates: int) -> np.ndarray: ...
+
+
+@runtime_checkable
+class SubgoalFilter(Protocol):
+    """Scores candidates by whether they make progress on ``subtask`` from ``obs``: ``(K,)`` floats, higher = keep.
+
+    Clip candidates are scored on their last frame.
+    """
+
+    def score(self, obs: Observation, candidates: np.ndarray, subtask: str) -> np.ndarray: ...
+
+
+@runtime_checkable
+class GoalProvider(Protocol):
+    """Where a goal-conditioned policy's goal comes from (generator + filter, oracle, nothing). ``goal`` is asked
+    whenever the policy plans a new chunk; ``reset`` clears any per-subtask state."""
+
+    def reset(self) -> None: ...
+
+    def goal(self, obs: Observation) -> Subgoal | None: ...
 
 
 @runtime_checkable
 class ChunkPolicy(Protocol):
     """Predicts a chunk of actions towards a goal. Holds no episode state: the queue lives in ``ghil.runtime``.
 
-    ``obs`` is a ``ghil.types.Observation``; ``goal`` an (H, W, 3) uint8 goal image, or None for policies that
-    take no goal image (the flat language baseline). Returns a ``ghil.types.ActionChunk`` in robot units.
+    ``goal`` is an (H, W, 3) uint8 goal image of camera ``goal_camera``, or None when ``uses_goal`` is false (the
+    flat language baseline). ``obs.images`` must hold every camera in ``cameras`` at ``image_sizes``. Returns an
+    ``ActionChunk`` in robot units of ``space``; ``exec_len`` of its actions are meant to run before replanning.
+    ``generator`` makes sampling reproducible; ``n_steps`` picks the sampler's step count (None: its default).
     """
 
-    def predict_chunk(self, obs: Any, goal: Any) -> Any: ...
+    space: ActionSpace
+    cameras: tuple[str, ...]
+    image_sizes: tuple[int, ...]
+    goal_camera: str | None
+    uses_goal: bool
+    uses_language: bool
+    exec_len: int
+
+    def predict_chunk(self, obs: Observation, goal: np.ndarray | None = None, n_steps: int | None = None,
+                      generator: torch.Generator | None = None) -> ActionChunk: ...
+
+
+# -- learning (trainer) -----------------------------------------------------------------------------------------
 
 
 @runtime_checkable
@@ -84,11 +156,26 @@ class Learnable(Protocol):
     """Anything ``ghil.train.Trainer`` can optimise: a loss on a batch plus ``save_pretrained`` for checkpoints.
 
     ``loss`` returns the scalar to minimise and a dict of floats to log (named without the ``train/`` prefix).
+    ``attach_ema`` hands the model the trainer's EMA copy of itself (None: no EMA kept); models that bootstrap
+    targets from it (shortcut models) keep it, others ignore it.
     """
 
     def loss(self, batch: Any) -> tuple[Any, dict[str, float]]: ...
 
-    def save_pretrained(self, path: Any) -> None: ...
+    def save_pretrained(self, path: Any) -> Any: ...
+
+    def attach_ema(self, ema: Any) -> None: ...
+
+
+@runtime_checkable
+class TrainingRecipe(Protocol):
+    """What ``ghil train`` trains (``recipe=<name>``): builds the model, its datasets and statistics.
+
+    ``build()`` checks everything it can (data present, image sizes, action space) *before* the run folder exists
+    and returns a ``ghil.train.TrainingSetup``.
+    """
+
+    def build(self) -> Any: ...
 
 
 @runtime_checkable

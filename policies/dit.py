@@ -261,6 +261,32 @@ class DiTPolicy(PretrainedMixin, nn.Module):
     def init_kwargs(self) -> dict[str, Any]:
         return {"config": self.config, "sampler": self.sampler.config}
 
+    # -- the ChunkPolicy contract (ghil.interfaces): what a runtime needs to know without reading DiTConfig ------
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return self.config.cameras
+
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        return self.config.image_sizes
+
+    @property
+    def goal_camera(self) -> str | None:
+        return self.config.goal_camera if self.config.use_goal else None
+
+    @property
+    def uses_goal(self) -> bool:
+        return self.config.use_goal
+
+    @property
+    def uses_language(self) -> bool:
+        return self.config.use_language
+
+    @property
+    def exec_len(self) -> int:
+        return self.config.exec_len
+
     # -- set-up -------------------------------------------------------------------------------------------------
 
     def fit_normalizer(self, stats: Mapping[str, VectorStats]) -> None:
@@ -271,9 +297,10 @@ class DiTPolicy(PretrainedMixin, nn.Module):
             raise KeyError(f"fit_normalizer needs statistics for {needed}; missing {missing}")
         self.normalizer.fit({"proprio": stats["robot_obs"], "actions": stats[self.space.dataset_key]})
 
-    def attach_ema(self, ema: DiTPolicy) -> None:
-        """Use ``ema`` (a copy kept by the trainer) for the shortcut model's self-consistency targets."""
-        self._ema[:] = [ema]
+    def attach_ema(self, ema: DiTPolicy | None) -> None:
+        """Use ``ema`` (a copy kept by the trainer) for the shortcut model's self-consistency targets (None: the
+        live weights are their own targets)."""
+        self._ema[:] = [] if ema is None else [ema]
 
     def text_encoder(self) -> TextEncoder:
         if not self._text:
