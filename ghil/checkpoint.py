@@ -2,14 +2,31 @@
 
 A checkpoint folder::
 
-    config.json        {"type": "dit", "format_version": 1, "init": {"config": {"type": "dit_config", ...},
-                                                                    "sampler": {"type": "ddim", ...}}}
+    config.json        {"type": "dit", "format_version": 1, "weights_sha256": "<64 hex digits>",
+                        "init": {"config": {"type": "dit_config", ...}, "sampler": {"type": "ddim", ...}}}
     model.safetensors  every parameter and buffer (normaliser statistics included); nothing is pickled
 
-``register("dit")`` on a model class and ``register_config("dit_config")`` on its config dataclasses let
-``load_pretrained(path)`` rebuild any model without Hydra. Loading is strict: a checkpoint of another type, a newer
-format, missing or unexpected weights, wrong shapes or an unreadable file raise ``CheckpointError`` naming what is
-wrong.
+``weights_sha256`` is the SHA-256 of ``model.safetensors`` as written by ``save_pretrained`` (weights first, then
+the config that names their hash, each atomically). ``register("dit")`` on a model class and
+``register_config("dit_config")`` on its config dataclasses let ``load_pretrained(path)`` rebuild any model without
+Hydra.
+
+What loading (``from_pretrained`` / ``load_pretrained``) checks, each failure a ``CheckpointError`` naming what is
+wrong, before any weight reaches the model:
+
+- the folder and ``config.json`` exist, the config is JSON with ``type`` and ``init``, and ``format_version`` is an
+  integer (not a bool) in ``[1, FORMAT_VERSION]``;
+- the checkpoint's type is the requested one (or a registered / entry-point type for ``load_pretrained``), and its
+  config has no field the code does not know;
+- ``model.safetensors`` hashes to ``weights_sha256`` (streamed, ~1 ms per MB): a flipped byte, a truncated file or
+  weights copied from another run are refused as "modified or corrupted". A malformed hash value is refused. A
+  checkpoint without the field (written before hashes were stored) still loads, unverified, with a logged warning;
+  re-save it with ``save_pretrained`` to add one;
+- the file is readable safetensors and its keys and shapes are exactly the model's (missing, unexpected and
+  mis-shaped keys named).
+
+``read_weights(file, sha256=...)`` / ``write_weights`` (which returns the hash it wrote) are the same primitives for
+other tensor files, e.g. the trainer's resume state.
 
 Usage::
 
@@ -25,8 +42,11 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +54,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the integrity hash is an added field: version-1 readers ignore it, so no new version
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+HASH_KEY = "weights_sha256"  # config.json field: SHA-256 (hex) of WEIGHTS_FILE
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 MODELS: dict[str, type] = {}
 MODEL_ENTRY_POINTS = "ghil.models"  # pyproject entry points: type name -> "module:Class" (policies.dit:DiTPolicy, ...)
@@ -133,31 +158,63 @@ def _read_config(path: Path) -> dict:
     if not isinstance(meta, dict) or "type" not in meta or "init" not in meta:
         raise CheckpointError(f"{file} lacks the 'type'/'init' fields of a ghil checkpoint config")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{file} has format_version {version!r}; this code reads versions <= {FORMAT_VERSION}")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:  # type(): True/False are ints too
+        raise CheckpointError(f"{file} has format_version {version!r}; this code reads integer versions 1 to "
+                              f"{FORMAT_VERSION} (a checkpoint from newer code, or a damaged config?)")
+    if HASH_KEY in meta and not (isinstance(meta[HASH_KEY], str) and _HEX64.fullmatch(meta[HASH_KEY])):
+        raise CheckpointError(f"{file} has {HASH_KEY} {meta[HASH_KEY]!r}, not 64 lowercase hex digits (a damaged or "
+                              "hand-edited config?)")
     return meta
 
 
-def read_weights(file: Path) -> dict[str, Tensor]:
-    """All tensors of a safetensors file; CheckpointError when it is missing or unreadable."""
+def file_sha256(file: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file, streamed in 1 MiB chunks (a 10 MB file takes ~10 ms)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(file, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def verify_sha256(file: Path, expected: str) -> None:
+    """CheckpointError unless ``file`` hashes to ``expected`` (naming the file and both hashes)."""
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing")
+    actual = file_sha256(file)
+    if actual != expected:
+        raise CheckpointError(f"{file} was modified or corrupted after it was saved: its SHA-256 is {actual}, the "
+                              f"checkpoint's config records {expected}; refusing to load it (restore or re-download "
+                              "the file; a deliberately changed file needs a re-save with save_pretrained)")
+
+
+def read_weights(file: Path, sha256: str | None = None) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; CheckpointError when it is missing or unreadable, or, with ``sha256``,
+    when its content does not hash to it."""
     from safetensors.torch import load_file
 
     if not file.exists():
         raise CheckpointError(f"{file} is missing")
+    if sha256 is not None:
+        verify_sha256(file, sha256)
     try:
         return load_file(str(file))
     except Exception as err:  # safetensors raises its own error types for truncated/garbled headers
         raise CheckpointError(f"{file} is not a readable safetensors file (corrupted or truncated?): {err}") from err
 
 
-def write_weights(tensors: Mapping[str, Tensor], file: Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors atomically (temp file + rename), detached, contiguous and on the CPU."""
+def write_weights(tensors: Mapping[str, Tensor], file: Path, metadata: Mapping[str, str] | None = None) -> str:
+    """Write tensors atomically (temp file + rename), detached, contiguous and on the CPU; returns the file's SHA-256
+    (hashed before the rename, so it is the content that was written)."""
     from safetensors.torch import save_file
 
     tmp = file.with_name(f".{file.name}.tmp")
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp),
               metadata=dict(metadata or {}))
+    digest = file_sha256(tmp)
     os.replace(tmp, file)
+    return digest
 
 
 def load_state_strict(module: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
@@ -194,22 +251,27 @@ class PretrainedMixin:
         raise NotImplementedError
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` then ``config.json`` (with the weights' SHA-256), each atomically."""
         if not self.type_name:
             raise TypeError(f"{type(self).__qualname__} is not registered (decorate it with @register(name))")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {"type": self.type_name, "format_version": FORMAT_VERSION,
-                "init": {k: config_to_dict(v) for k, v in self.init_kwargs().items()}}
+        init = {k: config_to_dict(v) for k, v in self.init_kwargs().items()}  # fails before anything is written
+        assert isinstance(self, nn.Module)
+        # Weights first: a crash between the two writes leaves a config whose hash does not match (refused loudly),
+        # never a stale config that silently passes.
+        digest = write_weights(self.state_dict(), path / WEIGHTS_FILE, {"type": self.type_name,
+                                                                        "format_version": str(FORMAT_VERSION)})
+        meta = {"type": self.type_name, "format_version": FORMAT_VERSION, HASH_KEY: digest, "init": init}
         tmp = path / f".{CONFIG_FILE}.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path / CONFIG_FILE)
-        assert isinstance(self, nn.Module)
-        write_weights(self.state_dict(), path / WEIGHTS_FILE, {"type": self.type_name,
-                                                               "format_version": str(FORMAT_VERSION)})
         return path
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+        """Rebuild the model from ``path`` after the checks of the module docstring (``weights_sha256`` verified
+        before the weights are read; a checkpoint without one loads unverified, with a logged warning)."""
         path = Path(path)
         meta = _read_config(path)
         if cls.type_name and meta["type"] != cls.type_name:
@@ -224,10 +286,20 @@ class PretrainedMixin:
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path / CONFIG_FILE} does not describe a valid {target.__qualname__}: "
                                   f"{err}") from err
-        load_state_strict(model, read_weights(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE))
+        load_state_strict(model, read_weights(path / WEIGHTS_FILE, _expected_sha256(meta, path)),
+                          str(path / WEIGHTS_FILE))
         model.to(map_location)
         model.eval()
         return model
+
+
+def _expected_sha256(meta: dict, path: Path) -> str | None:
+    """The config's weights hash, or None (with a warning) for a checkpoint written before hashes were stored."""
+    expected = meta.get(HASH_KEY)
+    if expected is None:
+        log.warning("%s has no %s (written before ghil stored content hashes): its weights are loaded unverified; "
+                    "re-save it with save_pretrained to add one", path / CONFIG_FILE, HASH_KEY)
+    return expected
 
 
 def _model_class(name: str, path: Path) -> type:
@@ -248,7 +320,8 @@ def _model_class(name: str, path: Path) -> type:
 
 
 def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Load any registered model from a checkpoint folder, dispatching on its config.json ``type``.
+    """Load any registered model from a checkpoint folder, dispatching on its config.json ``type``; the weights are
+    checked against the config's ``weights_sha256`` (see ``PretrainedMixin.from_pretrained``).
 
     A relative ``path`` is looked up in the working directory first, then among the installed package's files
     (``checkpoints/dit_small`` is the shipped one), see ``ghil.paths.resolve_checkpoint``."""

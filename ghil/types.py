@@ -252,6 +252,9 @@ class AgentDescription:
                 status, reasoning = " ".join(s for s in (status, reasoning) if s), None
             subgoal = value.get("subgoal")
             if subgoal is not None and not isinstance(subgoal, Subgoal):
-                subgoal = Subgoal(image=np.asarray(subgoal))
+                image = np.asarray(subgoal)
+                if image.dtype != np.uint8:  # float images in [0, 1], as CALVIN-style agents often keep them
+                    image = (np.clip(np.nan_to_num(image.astype(np.float64)), 0.0, 1.0) * 255).round().astype(np.uint8)
+                subgoal = Subgoal(image=image[..., :3])
             return AgentDescription(status, reasoning, subgoal)
         raise TypeError(f"describe() must return an AgentDescription or a mapping, got {type(value).__name__}")

@@ -29,7 +29,7 @@ def saved(tmp_path) -> Path:
 def test_layout_and_config_round_trip(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
     meta = json.loads((saved / "config.json").read_text())
-    assert meta["type"] == "dit" and meta["format_version"] == 1
+    assert meta["type"] == "dit" and meta["format_version"] == 1 and len(meta["weights_sha256"]) == 64
     assert meta["init"]["sampler"]["type"] == "shortcut" and meta["init"]["config"]["type"] == "dit_config"
     config = tiny_config()
     assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
@@ -56,6 +56,11 @@ def test_wrong_type_newer_format_and_missing_files(saved, tmp_path):
 def test_corrupted_or_truncated_weights(saved):
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="modified or corrupted"):  # the content hash catches it first
+        DiTPolicy.from_pretrained(saved)
+    meta = json.loads((saved / "config.json").read_text())
+    del meta["weights_sha256"]  # an older checkpoint without a hash: the safetensors reader still refuses it
+    (saved / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         DiTPolicy.from_pretrained(saved)
     (saved / "model.safetensors").unlink()

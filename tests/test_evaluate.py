@@ -211,7 +211,7 @@ def test_agent_exception_is_recorded_by_default(tmp_path):
     ("eval.threads=0", "threads must be null or an integer >= 1"),
     ("eval.shard=2", "0 <= eval.shard < n_shards"),
     ("+eval.n_chain=5", "unknown eval settings"),
-    ("agent._target_=collections.OrderedDict", "lacks reset"),
+    ("agent._target_=collections.OrderedDict", "neither a CalvinAgent"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, override, message):
     with pytest.raises(EvaluationError, match=message):
@@ -306,7 +306,9 @@ def test_agents_satisfy_the_interface():
     assert isinstance(ExpertAgent(), DescribedAgent) and isinstance(HoldAgent(), CalvinAgent)
     assert isinstance(FaultyAgent(HoldAgent()), CalvinAgent)
     assert not isinstance(object(), CalvinAgent)
-    assert AgentDescription.coerce({"reasoning": "r"}).reasoning == "r"
+    # A CALVIN-style agent's free-text reasoning is shown as its status; an image becomes the Subgoal in force.
+    coerced = AgentDescription.coerce({"reasoning": "r", "subgoal": np.zeros((4, 4, 3), np.uint8)})
+    assert coerced.status == "r" and coerced.reasoning is None and coerced.goal_image.shape == (4, 4, 3)
     with pytest.raises(ValueError, match="unknown keys"):
         AgentDescription.coerce({"thoughts": "r"})
 
@@ -326,7 +328,7 @@ def test_expert_agent_maps_phrasings_and_splits_composite_instructions():
     agent.reset()
     action = agent.step({"robot_obs": robot_obs, "scene_obs": scene_obs}, text)
     assert action.shape == (7,) and abs(action[6]) == 1
-    assert "open_drawer (1/2)" in agent.describe().reasoning
+    assert "open_drawer (1/2)" in agent.describe().status
     with pytest.raises(UnknownInstructionError):
         agent.step({"robot_obs": robot_obs, "scene_obs": scene_obs}, "dance")
 

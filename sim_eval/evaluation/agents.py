@@ -14,14 +14,15 @@ Usage::
     agent = ExpertAgent()
     agent.reset()
     action = agent.step(obs, "pull the handle to open the drawer")   # (7,) relative action, gripper +-1
-    agent.describe().reasoning                                      # 'task open_drawer (1/1), phase ...'
+    agent.describe().status                                         # 'expert: open_drawer (1/1), phase ...'
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ghil.interfaces import AgentDescription, CalvinAgent
+from ghil.interfaces import CalvinAgent
+from ghil.types import AgentDescription
 from sim_eval.demonstrations.expert import ScriptedExpert
 from sim_eval.protocol.instructions import InstructionIndex
 
@@ -60,9 +61,9 @@ class ExpertAgent:
 
     def describe(self) -> AgentDescription:
         if self._instruction is None:
-            return AgentDescription(reasoning="expert: idle")
+            return AgentDescription(status="expert: idle")
         k = self._n_subtasks - len(self._queue)
-        return AgentDescription(reasoning=f"expert: {self._expert.task} ({k}/{self._n_subtasks}), phase {self._phase}")
+        return AgentDescription(status=f"expert: {self._expert.task} ({k}/{self._n_subtasks}), phase {self._phase}")
 
 
 class HoldAgent:

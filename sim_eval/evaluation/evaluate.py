@@ -391,23 +391,24 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- chain runner
 def build_agent(agent_cfg) -> CalvinAgent:
-    """Instantiate ``cfg.agent`` and check it has CALVIN's agent interface."""
+    """Instantiate ``cfg.agent``: a ``CalvinAgent`` as it is, a runtime ``ghil.interfaces.Agent`` (PolicyAgent, the
+    hierarchy) behind the CALVIN adapter; anything else is refused."""
     from hydra.utils import instantiate
 
+    from sim_eval.evaluation.adapter import as_calvin_agent
+
     agent = instantiate(agent_cfg)
-    if not isinstance(agent, CalvinAgent):
-        raise EvaluationError(f"agent config {agent_cfg.get('_target_')} built a {type(agent).__name__}, which "
-                              "lacks reset() / step(obs, instruction) (ghil.interfaces.CalvinAgent)")
-    return agent
+    try:
+        return as_calvin_agent(agent)
+    except TypeError as err:
+        raise EvaluationError(f"agent config {agent_cfg.get('_target_')}: {err}") from None
 
 
 def build_oracle(env):
     """calvin_env's own oracle when the env offers one (the real-calvin bridge), else ghil's re-implementation."""
-    if hasattr(env, "make_task_oracle"):
-        return env.make_task_oracle()
-    from sim_eval.protocol.oracle import TaskOracle
+    from sim_eval.protocol.oracle import oracle_for
 
-    return TaskOracle()
+    return oracle_for(env)
 
 
 class ChainRunner:

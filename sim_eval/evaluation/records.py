@@ -40,6 +40,9 @@ class SubtaskRecord:
     n_steps: int  # env steps taken; on success, the step after which the oracle fired (1-based)
     failure: str | None = None  # None on success, else one of FAILURE_KINDS
     detail: str | None = None  # human-readable reason, e.g. the InvalidActionError message
+    # sha256 (first 16 hex digits) of the exact robot_obs + scene_obs bytes when the subtask ended: two records are
+    # equal only when the trajectories ended bit for bit in the same state (None in records of older versions).
+    end_state: str | None = None
 
     def __post_init__(self) -> None:
         check_task_name(self.task)

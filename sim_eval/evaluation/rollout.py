@@ -1,7 +1,8 @@
 """CALVIN's evaluation loop for one chain (protocol §5), shared by ``ghil eval`` on every env.
 
 The loop: reset the env once at the chain's start; for each of the 5 subtasks, ``agent.reset()`` (standard and
-held-out modes), take ``start_info = env.get_info()``, then up to ``ep_len`` (360) steps of
+held-out modes; a ``Seedable`` agent is first seeded from the chain's seed and the subtask's index, so its record
+depends on nothing but the chain), take ``start_info = env.get_info()``, then up to ``ep_len`` (360) steps of
 ``env.step(agent.step(obs, instruction))`` with the oracle checked after every step; the chain stops at the first
 failure. An action the env would reject (wrong length, NaN, gripper not +-1) fails the subtask with the reason
 recorded, instead of crashing the run.
@@ -15,6 +16,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import sys
@@ -25,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ghil.interfaces import AgentDescription, CalvinAgent
+from ghil.interfaces import AgentDescription, CalvinAgent, Seedable
 from sim_eval.world.action_validation import InvalidActionError, validate_action
 from sim_eval.protocol.initial_states import state_to_obs
 from sim_eval.protocol.instructions import chain_instructions, check_mode
@@ -72,6 +74,27 @@ def chain_seed(base_seed: int, chain_index: int) -> int:
     return int(np.random.SeedSequence([int(base_seed), int(chain_index)]).generate_state(1)[0])
 
 
+def state_digest(obs: dict) -> str:
+    """16 hex digits of sha256 over the exact float64 bytes of ``robot_obs`` and ``scene_obs``."""
+    import hashlib
+
+    raw = np.concatenate([np.asarray(obs["robot_obs"], np.float64).ravel(),
+                          np.asarray(obs["scene_obs"], np.float64).ravel()])
+    return hashlib.sha256(raw.tobytes()).hexdigest()[:16]
+
+
+def subtask_seed(chain_seed_: int, subtask: int) -> int:
+    """The seed a ``Seedable`` agent gets before subtask ``subtask`` of a chain (long-horizon mode: subtask 0)."""
+    return int(np.random.SeedSequence([int(chain_seed_), int(subtask)]).generate_state(1)[0])
+
+
+def reset_agent(agent: CalvinAgent, seed: int, subtask: int) -> None:
+    """``agent.reset()``, preceded by ``agent.seed(...)`` for agents with random streams (learned stages)."""
+    if isinstance(agent, Seedable):
+        agent.seed(subtask_seed(seed, subtask))
+    agent.reset()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and (when already imported) torch's global RNGs, like CALVIN's ``seed_everything``."""
     random.seed(seed)
@@ -98,11 +121,11 @@ def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: 
     obs = env.reset(robot_obs=robot_obs, scene_obs=scene_obs)  # the only reset in a chain
     describe = getattr(agent, "describe", None)
     if mode == "long_horizon":
-        agent.reset()  # once: the agent must find the subtask boundaries itself
+        reset_agent(agent, seed, 0)  # once: the agent must find the subtask boundaries itself
     subtasks: list[SubtaskRecord] = []
     for k, (task, instruction) in enumerate(zip(chain.tasks, instructions)):
         if mode != "long_horizon":
-            agent.reset()
+            reset_agent(agent, seed, k)
         start_info = env.get_info()
         result = SubtaskRecord(task, instruction, False, ep_len, FAILURE_TIMEOUT, f"no success within {ep_len} steps")
         for step in range(ep_len):
@@ -129,7 +152,7 @@ def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: 
             if oracle.get_task_info_for_set(start_info, info, {task}):
                 result = SubtaskRecord(task, instruction, True, step + 1)
                 break
-        subtasks.append(result)
+        subtasks.append(dataclasses.replace(result, end_state=state_digest(obs)))
         if not result.success:
             break
     return ChainRecord(chain.index, dict(chain.initial_state), tuple(chain.tasks), tuple(subtasks), int(seed),
