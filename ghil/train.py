@@ -1,26 +1,34 @@
 """One ``Trainer`` for every ``Learnable`` (policy now; subgoal generator, filter, reasoner head later), and the
-``ghil train`` entry point.
+``ghil train`` entry point, which trains whatever its ``recipe`` config group builds (``ghil/configs/recipe/``).
+
+A recipe (a ``ghil.interfaces.TrainingRecipe``, instantiated by Hydra from ``cfg.recipe``) checks its data and
+returns a ``TrainingSetup``: the model, datasets, collate function, how to fit the model's statistics, the settings
+a resume must match (``fingerprint``) and the command that evaluates a checkpoint. Nothing here knows what a policy
+is.
 
 The loop: AdamW, linear warm-up then cosine decay (transformers' schedule), gradient clipping, an EMA copy of the
 weights, accelerate for devices / mixed precision / multi-GPU (``accelerate launch -m ghil.cli train ...`` runs
 unchanged), a tqdm bar, TensorBoard + JSONL logs, and periodic checkpoints::
 
-    <out_dir>/config.yaml, run.json                  resolved config, git commit, command line
+    <out_dir>/config.yaml, run.json, train.log       resolved config, git commit, command line, the log
     <out_dir>/metrics.jsonl, tensorboard/            train/loss, train/lr, train/samples_per_s, val/loss, ...
     <out_dir>/checkpoints/step_0000500/              config.json + model.safetensors (EMA weights: what ships)
         training_state/                              model.safetensors (raw weights), optimizer.safetensors +
                                                      optimizer.json, scheduler.json, rng_<rank>.safetensors,
-                                                     step.json
+                                                     step.json, fingerprint.json (model + data settings)
     <out_dir>/checkpoints/last -> step_0000500
 
 Resume is exact: the data order is a pure function of (seed, step) (a seeded permutation per epoch, sharded over
 processes), and the optimiser, scheduler, EMA and every torch RNG are restored, so killing a run and starting it
-again with the same command continues bit for bit. Nothing is pickled.
+again with the same command continues bit for bit. A resume whose model or data settings differ from the stored
+fingerprint is refused with the changed keys named (``train.resume=force`` continues anyway). Nothing is pickled.
 
 Usage::
 
-    ghil train policy=dit_small sampler=shortcut data.root=data/playtable_D train.total_steps=20000
-    trainer = Trainer(policy, dataset, TrainConfig(out_dir="runs/x", total_steps=100), collate_fn=collate_policy)
+    ghil train policy=dit_small sampler=shortcut data.root=data/playtable_D run_name=dit_small_D    # recipe=policy
+    setup = recipe.build()                       # e.g. policies.recipe.PolicyRecipe(policy, data)
+    setup.fit_statistics()
+    trainer = Trainer.from_setup(setup, TrainConfig(out_dir="runs/x", total_steps=100))
     trainer.fit()
 """
 
@@ -36,7 +44,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,41 +60,54 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LAST = "last"
 STATE = "training_state"
+FINGERPRINT = "fingerprint.json"
+
+
+WARMUP_MAX_FRACTION = 10  # the warm-up is at most total_steps // WARMUP_MAX_FRACTION steps
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and bookkeeping settings (DiT-Block defaults: AdamW 3e-4, betas (0.95, 0.999), wd 1e-6)."""
+    """Optimisation and bookkeeping settings (DiT-Block defaults: AdamW 3e-4, betas (0.95, 0.999), wd 1e-6).
+
+    The defaults are ``ghil/configs/train.yaml``'s (tests/test_settings.py keeps them equal).
+    """
 
     out_dir: str
-    total_steps: int = 1000
+    total_steps: int = 20000
     batch_size: int = 32  # per process; the global batch is batch_size * processes
     lr: float = 3e-4
     betas: tuple[float, float] = (0.95, 0.999)
     weight_decay: float = 1e-6
     eps: float = 1e-8
-    warmup_steps: int = 100
+    # Linear warm-up steps, capped at total_steps // 10 so that short runs (smoke tests, fine-tuning) work with the
+    # default: the schedule uses ``effective_warmup_steps`` and the trainer logs a note when the cap applies.
+    warmup_steps: int = 500
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (0: transformers' cosine schedule)
     grad_clip: float | None = 1.0
     ema_decay: float | None = 0.999  # None: no EMA (checkpoints then ship the raw weights)
-    ckpt_every: int = 500
+    ckpt_every: int = 1000
     keep_last: int | None = 3  # older step_* folders are deleted (None keeps all)
-    log_every: int = 10
+    log_every: int = 20
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = 2
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
-    resume: bool = True  # continue from <out_dir>/checkpoints/last when it exists
+    # True: continue from <out_dir>/checkpoints/last when it exists, refused when the stored model/data settings
+    # (the recipe's fingerprint) differ; "force": continue even then; False: start afresh.
+    resume: bool | str = True
     progress: bool = True
     tensorboard: bool = True
-    val_every: int | None = None  # validation loss of the shipped (EMA) weights every N steps (None: never)
+    val_every: int | None = 500  # validation loss of the shipped (EMA) weights every N steps (None: never)
     val_batches: int = 8  # fixed validation batches (the same samples and noise every time)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if self.total_steps < 1 or self.batch_size < 1:
             raise ValueError("TrainConfig: total_steps and batch_size must be >= 1")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"TrainConfig.warmup_steps must be in [0, total_steps], got {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.resume not in (True, False, "force"):
+            raise ValueError(f"TrainConfig.resume must be true, false or 'force', got {self.resume!r}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("TrainConfig: lr > 0 and 0 <= min_lr_ratio <= 1 required")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -99,6 +120,47 @@ class TrainConfig:
             raise ValueError("TrainConfig.grad_clip must be None or > 0")
         if (self.val_every is not None and self.val_every < 1) or self.val_batches < 1:
             raise ValueError("TrainConfig: val_every must be None or >= 1, val_batches >= 1")
+
+    @property
+    def effective_warmup_steps(self) -> int:
+        """``warmup_steps`` capped at ``total_steps // 10`` (what the schedule uses)."""
+        return min(self.warmup_steps, self.total_steps // WARMUP_MAX_FRACTION)
+
+
+@dataclass
+class TrainingSetup:
+    """What a ``TrainingRecipe.build()`` hands the trainer (everything model-specific lives in the recipe)."""
+
+    model: nn.Module  # a ghil.interfaces.Learnable
+    dataset: Any  # map-style training dataset
+    collate_fn: Callable[[list], Any]  # a list of samples -> a batch for model.loss
+    val_dataset: Any = None  # held-out samples for val/loss (None: no validation)
+    # Fits the model's data statistics (normaliser) in place; called for fresh runs without init_from.
+    fit_statistics: Callable[[], None] | None = None
+    # The resolved model and data settings (JSON data); stored with the training state, a resume must match it.
+    fingerprint: Mapping[str, Any] = field(default_factory=dict)
+    # checkpoint path -> the command that evaluates it (printed at the end of `ghil train`); None: none.
+    eval_command: Callable[[str], str] | None = None
+
+
+class ResumeMismatchError(CheckpointError):
+    """Resuming a run whose stored model or data settings differ from this run's (it would mix two runs)."""
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Flattened differences between two nested JSON-like configs: ``["data.root: 'a' -> 'b'", ...]``."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out += config_diff(old.get(key, "<absent>"), new.get(key, "<absent>"), path)
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def _json_data(value: Any) -> Any:
+    """Tuples become lists, etc.: what a fingerprint looks like after a JSON round trip."""
+    return json.loads(json.dumps(value, default=str))
 
 
 # -- logging ----------------------------------------------------------------------------------------------------
@@ -254,19 +316,20 @@ class Trainer:
 
     Usage::
 
-        trainer = Trainer(policy, dataset, TrainConfig(out_dir="runs/dit", total_steps=20000), collate_policy)
+        trainer = Trainer(model, dataset, TrainConfig(out_dir="runs/dit", total_steps=20000), collate_fn)
+        trainer = Trainer.from_setup(recipe.build(), TrainConfig(out_dir="runs/dit"))    # the same, from a recipe
         trainer.fit()                    # or fit(stop_at=500) to stop early (the schedule still spans total_steps)
     """
 
     def __init__(self, model: nn.Module, dataset: Any, config: TrainConfig, collate_fn: Callable[[list], Any],
                  run_config: Mapping[str, Any] | None = None, loggers: Sequence[Logger] | None = None,
-                 val_dataset: Any = None):
+                 val_dataset: Any = None, fingerprint: Mapping[str, Any] | None = None):
         from accelerate import Accelerator
         from transformers import get_cosine_schedule_with_warmup
 
         if not isinstance(model, Learnable) or not isinstance(model, nn.Module):
-            raise TypeError(f"Trainer needs an nn.Module with loss(batch) and save_pretrained(path); got "
-                            f"{type(model).__qualname__}")
+            raise TypeError(f"Trainer needs an nn.Module with loss(batch), save_pretrained(path) and attach_ema(ema); "
+                            f"got {type(model).__qualname__}")
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -275,17 +338,19 @@ class Trainer:
         self.collate_fn = collate_fn
         self.step = 0
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
-        if self.ema is not None and hasattr(model, "attach_ema"):
-            model.attach_ema(self.ema.model)
+        model.attach_ema(self.ema.model if self.ema is not None else None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                       weight_decay=config.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.total_steps)
+        warmup = config.effective_warmup_steps
+        if warmup < config.warmup_steps and self.accelerator.is_main_process:
+            log.info("warm-up capped at %d steps (train.warmup_steps=%d is longer than total_steps // %d = %d)",
+                     warmup, config.warmup_steps, WARMUP_MAX_FRACTION, warmup)
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.total_steps)
         if config.min_lr_ratio > 0:  # floor the cosine at min_lr_ratio
             base = self.scheduler.lr_lambdas[0]
             floor = config.min_lr_ratio
-            self.scheduler.lr_lambdas[0] = lambda s: floor + (1 - floor) * base(s) if s >= config.warmup_steps \
-                else base(s)
+            self.scheduler.lr_lambdas[0] = lambda s: floor + (1 - floor) * base(s) if s >= warmup else base(s)
         # The scheduler is stepped by hand once per optimiser step, so it is not handed to accelerate (which would
         # step it once per process).
         self.loss_module, self.optimizer = self.accelerator.prepare(_LossModule(self.model), optimizer)
@@ -294,6 +359,14 @@ class Trainer:
         self.run_config = dict(run_config or {})
         self.loggers = list(loggers) if loggers is not None else None
         self.val_dataset = val_dataset
+        self.fingerprint = _json_data(dict(fingerprint)) if fingerprint is not None else None
+
+    @classmethod
+    def from_setup(cls, setup: TrainingSetup, config: TrainConfig, **kwargs: Any) -> Trainer:
+        """A trainer for a recipe's ``TrainingSetup`` (validation data used when ``config.val_every`` is set)."""
+        return cls(setup.model, setup.dataset, config, setup.collate_fn,
+                   val_dataset=setup.val_dataset if config.val_every is not None else None,
+                   fingerprint=setup.fingerprint, **kwargs)
 
     @property
     def is_main(self) -> bool:
@@ -319,6 +392,8 @@ class Trainer:
             (tmp / STATE / "step.json").write_text(json.dumps({"step": self.step, "total_steps":
                                                                self.config.total_steps, "seed": self.config.seed,
                                                                "num_processes": self.accelerator.num_processes}))
+            if self.fingerprint is not None:
+                (tmp / STATE / FINGERPRINT).write_text(json.dumps(self.fingerprint, indent=2))
         self.accelerator.wait_for_everyone()
         write_weights(_rng_state(), tmp / STATE / f"rng_{rank}.safetensors")
         self.accelerator.wait_for_everyone()
@@ -349,6 +424,7 @@ class Trainer:
         if info.get("num_processes") != self.accelerator.num_processes:
             raise CheckpointError(f"{path} was written by {info.get('num_processes')} process(es), this run has "
                                   f"{self.accelerator.num_processes}: exact resume needs the same number")
+        self._check_fingerprint(path)
         if info.get("total_steps") != self.config.total_steps or info.get("seed") != self.config.seed:
             log.warning("resuming %s with total_steps/seed %s/%s (checkpoint: %s/%s): not an exact continuation",
                         path, self.config.total_steps, self.config.seed, info.get("total_steps"), info.get("seed"))
@@ -363,6 +439,27 @@ class Trainer:
             group["lr"] = lr
         _set_rng_state(read_weights(state / f"rng_{self.accelerator.process_index}.safetensors"))
         self.step = int(info["step"])
+
+    def _check_fingerprint(self, path: Path) -> None:
+        """Refuse to resume a run whose stored model/data settings differ from this one's (unless resume=force)."""
+        file = path / STATE / FINGERPRINT
+        if self.fingerprint is None:
+            return
+        if not file.is_file():
+            log.warning("%s stores no model/data settings (written by older code): cannot check that this run "
+                        "continues the same configuration", path)
+            return
+        changes = config_diff(json.loads(file.read_text()), self.fingerprint)
+        if not changes:
+            return
+        if self.config.resume == "force":
+            log.warning("resuming %s although its settings differ (train.resume=force). Changed: %s", path,
+                        "; ".join(changes))
+            return
+        raise ResumeMismatchError(
+            f"{self.out_dir} was trained with other model or data settings, so resuming would mix two runs. "
+            f"Changed: {'; '.join(changes)}. Use another run_name (or train.out_dir), or train.resume=force to "
+            f"continue anyway.")
 
     # -- validation -----------------------------------------------------------------------------------------------
 
@@ -522,39 +619,59 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def run(cfg) -> Path:
-    """Hydra entry (``ghil train``): build the policy and dataset from the config, fit statistics, train."""
+    """Hydra entry (``ghil train``): build the recipe's setup (which checks its data), fit statistics, train.
+
+    Nothing is written before ``recipe.build()`` has returned, so a misconfigured run leaves no folder behind.
+    """
+    __import__("ghil.extras").extras.check_config(cfg)  # a missing optional dependency: one line, before any folder
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
-
-    from ghil.data.policy_dataset import PolicyDataConfig, PolicyDataset, collate_policy, compute_policy_stats
 
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
     container = OmegaConf.to_container(cfg, resolve=True)
     train_cfg = TrainConfig(**container["train"])
-    policy = instantiate(cfg.policy, _convert_="all")
-    pc = policy.config
-    data = PolicyDataConfig(**container["data"])
-    if pc.use_language and not data.lang_only:
-        log.warning("language-conditioned policy trained on all windows: unannotated samples get the no-language token")
-    def policy_dataset(split: str) -> PolicyDataset:
-        return PolicyDataset(replace(data, split=split), cameras=pc.cameras,
-                             goal_camera=pc.goal_camera if pc.use_goal else None,
-                             action_key=policy.space.dataset_key, chunk_len=pc.chunk_len)
-
-    dataset = policy_dataset(data.split)
-    fresh = latest_checkpoint(train_cfg.out_dir) is None or not train_cfg.resume
+    recipe = instantiate(cfg.recipe, _convert_="all")
+    setup = recipe.build()
+    if not isinstance(setup, TrainingSetup):
+        raise TypeError(f"{type(recipe).__qualname__}.build() must return a ghil.train.TrainingSetup, got "
+                        f"{type(setup).__qualname__}")
+    out_dir = Path(train_cfg.out_dir)
+    fresh = latest_checkpoint(out_dir) is None or not train_cfg.resume
     if fresh and cfg.get("init_from"):
-        init_from_checkpoint(policy, cfg.init_from)
-    elif fresh:
-        stats = compute_policy_stats(dataset, keys=(data.proprio_key, policy.space.dataset_key))
-        policy.fit_normalizer({"robot_obs" if k == data.proprio_key else k: v for k, v in stats.items()})
-    val_dataset = None
-    if train_cfg.val_every is not None and data.val_split and not (Path(data.root) / data.val_split).is_dir():
-        log.warning("no validation loss: %s has no %r split (set data.val_split=null to silence this)", data.root,
-                    data.val_split)
-    elif train_cfg.val_every is not None and data.val_split:
-        val_dataset = policy_dataset(data.val_split)
-    trainer = Trainer(policy, dataset, train_cfg, collate_fn=collate_policy, run_config=container,
-                      val_dataset=val_dataset)
-    trainer.fit(stop_at=cfg.get("stop_at"))
-    return Path(train_cfg.out_dir)
+        init_from_checkpoint(setup.model, cfg.init_from)
+    elif fresh and setup.fit_statistics is not None:
+        setup.fit_statistics()
+    if train_cfg.val_every is not None and setup.val_dataset is None:
+        log.warning("no validation loss: the recipe found no validation data (set train.val_every=null to silence "
+                    "this)")
+    handler = None
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process (accelerate launch sets RANK)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+    try:
+        trainer = Trainer.from_setup(setup, train_cfg, run_config=container)
+        trainer.fit(stop_at=cfg.get("stop_at"))
+        if trainer.is_main:
+            _report_checkpoint(out_dir, trainer.step, train_cfg.total_steps, setup.eval_command)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    return out_dir
+
+
+def _report_checkpoint(out_dir: Path, step: int, total_steps: int,
+                       eval_command: Callable[[str], str] | None) -> None:
+    """Log where the run's checkpoint is and how to evaluate it."""
+    final = latest_checkpoint(out_dir)
+    link = out_dir / CHECKPOINTS / LAST
+    if final is None:
+        log.info("stopped at step %d of %d before the first checkpoint (train.ckpt_every): nothing saved", step,
+                 total_steps)
+        return
+    stopped = "" if step == total_steps else f" (stopped at step {step} of {total_steps}; re-run to continue)"
+    log.info("final checkpoint: %s, linked from %s%s", out_dir / CHECKPOINTS / final.name, link, stopped)
+    if eval_command is not None:
+        log.info("evaluate it with: %s", eval_command(str(link)))

@@ -13,7 +13,7 @@ onto [-1, 1] and proprioception mean/std normalised by the policy's own ``Normal
 
 Usage::
 
-    policy = DiTPolicy(DiTConfig(), DDIMConfig())
+    policy = DiTPolicy(DiTConfig(), ShortcutConfig())         # or DDIMConfig()
     policy.fit_normalizer(compute_policy_stats(dataset))
     chunk = policy.predict_chunk(Observation(images=..., proprio=robot_obs, t=0), goal=goal_image)
 """
@@ -61,7 +61,9 @@ def _coerce(value: Any, cls: type, name: str) -> Any:
 @register_config("dit_config")
 @dataclass(frozen=True)
 class DiTConfig:
-    """Sizes and inputs of a DiT-Block policy. Presets: configs/policy/dit_{tiny,small,base}.yaml."""
+    """Sizes and inputs of a DiT-Block policy. The defaults are ``ghil/configs/policy/dit_small.yaml`` (the base
+    preset; dit_tiny/base/lang override it; tests/test_settings.py keeps the two equal). Saved checkpoints store
+    every field, so these defaults never change what a checkpoint means."""
 
     cameras: tuple[str, ...] = ("rgb_static", "rgb_gripper")
     image_sizes: tuple[int, ...] = (200, 84)  # expected (square) input size per camera, checked on every call
@@ -80,10 +82,10 @@ class DiTConfig:
     width: int = 128
     depth: int = 4  # encoder layers = decoder blocks (decoder block i is conditioned on encoder layer i)
     n_heads: int = 4
-    ffn_mult: int = 4
+    ffn_mult: int = 2
     dropout: float = 0.1
     token_dropout: float = 0.1
-    time_dim: int = 256
+    time_dim: int = 64
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -230,7 +232,7 @@ class DiTPolicy(PretrainedMixin, nn.Module):
                  sampler: DDIMConfig | ShortcutConfig | None = None):
         super().__init__()
         config = config if config is not None else DiTConfig()
-        sampler = sampler if sampler is not None else DDIMConfig()
+        sampler = sampler if sampler is not None else ShortcutConfig()  # the recommended one (ghil train default)
         if not isinstance(config, DiTConfig):
             raise TypeError(f"DiTPolicy needs a DiTConfig, got {type(config).__qualname__}")
         if not isinstance(sampler, SAMPLER_CONFIGS):
@@ -468,7 +470,8 @@ class DiTPolicy(PretrainedMixin, nn.Module):
     def predict_chunk(self, obs: Observation, goal: Any = None, n_steps: int | None = None,
                       generator: torch.Generator | None = None) -> ActionChunk:
         """One chunk for one observation. ``goal``: (H, W, 3) uint8 image (None for no-goal policies)."""
-        images = {k: _to_tensor(v) for k, v in obs.images.items()}
+        # Only the policy's cameras are read: a lazy camera mapping (the playtable's) renders nothing else.
+        images = {k: _to_tensor(obs.images[k]) for k in self.config.cameras if k in obs.images}
         proprio = _to_tensor(obs.proprio)
         if not torch.is_floating_point(proprio):
             proprio = proprio.float()

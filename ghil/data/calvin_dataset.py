@@ -3,6 +3,10 @@
 Samples are windows of consecutive frames that never cross a play-episode boundary (``ep_start_end_ids.npy``),
 optionally restricted to annotated language windows, each with a goal frame sampled a few steps ahead in the same
 episode. Only ``__len__``/``__getitem__`` are needed by a torch DataLoader, so nothing here imports torch.
+
+Every frame returned is validated (finite vectors, rel_actions in [-1, 1], gripper +-1, uint8 (H, W, 3) images of one
+size per camera), and every read or validation failure raises ``DatasetError`` naming the file, the frame and the
+problem: a single bad frame must stop training with a message, not poison the normaliser or crash a collate.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import numpy as np
 
 from ghil.data.calvin_format import (
     DATASET_META_FILE,
+    VECTOR_DIMS,
+    DatasetError,
+    FrameSpec,
+    _array_problems,
     EP_START_END_FILE,
     FORMAT_VERSION,
     GHIL_EXTRA_KEYS,
@@ -30,9 +38,16 @@ from ghil.data.calvin_format import (
     read_journal,
     read_statistics,
 )
+from ghil.data.safe_pickle import PickledFileError, load_npy
+
+__all__ = ["DEFAULT_KEYS", "LABEL_KEY", "CalvinDataset", "DatasetError", "EcotLabelReader", "IncompleteDatasetError",
+           "LanguageAnnotations", "WindowIndex"]
 
 LABEL_KEY = "ecot_labels"  # a pseudo-key: the window's reasoning labels, read from the ecot_labels/ sidecar
 DEFAULT_KEYS = ("rgb_static", "rgb_gripper", "robot_obs", "scene_obs", "actions", "rel_actions")
+# CALVIN clips rel_actions to [-1, 1]; the slack only absorbs float rounding in data produced by other tools.
+REL_ACTION_TOLERANCE = 1e-5
+CAMERA_KEYS = ("rgb_static", "rgb_gripper")  # RGB cameras: (H, W, 3) uint8 (tactile rgb has 6 channels)
 
 
 class IncompleteDatasetError(RuntimeError):
@@ -60,7 +75,7 @@ def _check_finalized(root: Path, split_dir: Path) -> None:
         return
     committed = np.array([[r.start, r.end] for r in records], dtype=np.int64)
     index_path = split_dir / EP_START_END_FILE
-    indexed = np.load(index_path).reshape(-1, 2) if index_path.exists() else None
+    indexed = _read_index(index_path) if index_path.exists() else None
     if indexed is None or not np.array_equal(indexed, committed):
         state = "is missing" if indexed is None else f"lists {len(indexed)} episode(s)"
         raise IncompleteDatasetError(
@@ -74,12 +89,23 @@ def _load_episodes(split_dir: Path) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {split_dir} is not a CALVIN dataset split (expected "
                                 f"episode_XXXXXXX.npz frames, {EP_START_END_FILE} and {LANG_FOLDER}/{LANG_FILE})")
-    episodes = np.load(path).astype(np.int64).reshape(-1, 2)
+    episodes = _read_index(path)
     # Released CALVIN splits do not promise sorted rows; sorting lets frame -> episode be a binary search.
     episodes = episodes[np.argsort(episodes[:, 0], kind="stable")]
     if (episodes[:, 1] < episodes[:, 0]).any() or (episodes[1:, 0] <= episodes[:-1, 1]).any():
-        raise ValueError(f"{path}: episodes must be disjoint inclusive [start, end] rows with start <= end")
+        raise DatasetError(f"{path}: episodes must be disjoint inclusive [start, end] rows with start <= end")
     return episodes
+
+
+def _read_index(path: Path) -> np.ndarray:
+    """ep_start_end_ids.npy as (n, 2) int64 rows; DatasetError naming the file when it is corrupt."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+        if ids.dtype.kind not in "iu" or (ids.size and ids.ndim != 2) or (ids.ndim == 2 and ids.shape[1] != 2):
+            raise ValueError(f"expected (n, 2) integer rows, got {ids.dtype} of shape {ids.shape}")
+        return ids.astype(np.int64).reshape(-1, 2)
+    except Exception as err:  # truncated or foreign files raise ValueError, EOFError, OSError, ...
+        raise DatasetError(f"{path} is not a readable episode index: {type(err).__name__}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -103,11 +129,30 @@ class LanguageAnnotations:
         path = split_dir / folder / LANG_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing; lang_only=True needs the split's language annotations")
-        data = np.load(path, allow_pickle=True).item()
-        indx = np.asarray(data["info"]["indx"], dtype=np.int64).reshape(-1, 2)
-        emb = np.asarray(data["language"]["emb"], dtype=np.float32)
+        # CALVIN's file is a pickled dict; an unrestricted unpickler would run any callable a crafted file names.
+        try:
+            data = load_npy(path).item()
+        except (PickledFileError, ValueError) as err:  # .item() of a non-scalar array raises ValueError
+            raise DatasetError(f"{path}: cannot read the language annotations: {err}") from err
+        try:
+            indx = np.asarray(data["info"]["indx"], dtype=np.int64)
+            if indx.size and (indx.ndim != 2 or indx.shape[1] != 2):
+                raise ValueError(f"info.indx must be (start, end) pairs, got shape {indx.shape}")
+            indx = indx.reshape(-1, 2)
+            ann, task = tuple(data["language"]["ann"]), tuple(data["language"]["task"])
+            emb = np.asarray(data["language"]["emb"], dtype=np.float32)
+            if not all(isinstance(text, str) for text in (*ann, *task)):
+                raise ValueError("language.ann and language.task must hold strings")
+            if not len(ann) == len(task) == len(indx) == len(emb):
+                raise ValueError(f"info.indx has {len(indx)} windows but language.ann/task/emb have "
+                                 f"{len(ann)}/{len(task)}/{len(emb)} entries")
+            if not np.isfinite(emb).all():
+                raise ValueError("language.emb contains NaN/inf")
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise DatasetError(f"{path}: not CALVIN's language annotation layout ({type(err).__name__}: {err})") \
+                from err
         emb = emb.reshape(len(emb), -1) if len(emb) else np.zeros((0, 0), np.float32)
-        return cls(indx=indx, ann=tuple(data["language"]["ann"]), task=tuple(data["language"]["task"]), emb=emb)
+        return cls(indx=indx, ann=ann, task=task, emb=emb)
 
 
 class EcotLabelReader:
@@ -138,9 +183,12 @@ class EcotLabelReader:
         path = self.folder / label_file_name(int(start), int(end))
         if not path.exists():
             raise KeyError(f"{LABEL_KEY!r}: episode [{start}, {end}] was committed without labels ({path.name} absent)")
-        labels = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        try:
+            labels = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+            raise DatasetError(f"{path}: corrupt ECoT label file ({err})") from err
         if len(labels) != end - start + 1:
-            raise ValueError(f"{path} has {len(labels)} labels for {end - start + 1} frames")
+            raise DatasetError(f"{path} has {len(labels)} labels for {end - start + 1} frames")
         return labels
 
 
@@ -192,6 +240,28 @@ class WindowIndex:
         return len(self.starts)
 
 
+def _spec_layout(root: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-key (shape, dtype) promised by a ghil dataset's stored FrameSpec; empty for other data."""
+    meta = read_dataset_meta(root)
+    spec = meta.get("config", {}).get("spec") if isinstance(meta, dict) and isinstance(meta.get("config"), dict) \
+        else None
+    try:
+        return FrameSpec(**spec).expected() if isinstance(spec, dict) else {}
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"{root / DATASET_META_FILE}: unreadable frame spec {spec!r} ({err})") from err
+
+
+def _first_frame_problems(key: str, value: np.ndarray) -> list[str]:
+    """What makes ``value`` unfit to fix the layout of ``key`` for a whole split (CALVIN's conventions)."""
+    if key in CAMERA_KEYS and not (value.dtype == np.uint8 and value.ndim == 3 and value.shape[-1] == 3):
+        return [f"{key!r} must be a uint8 (H, W, 3) image, got {value.dtype} of shape {value.shape}"]
+    if key.startswith("rgb_") and not (value.dtype == np.uint8 and value.ndim == 3):
+        return [f"{key!r} must be a uint8 (H, W, C) image, got {value.dtype} of shape {value.shape}"]
+    if key.startswith("depth_") and not (value.dtype.kind == "f" and value.ndim in (2, 3)):
+        return [f"{key!r} must be a float depth map, got {value.dtype} of shape {value.shape}"]
+    return []
+
+
 class CalvinDataset:
     """Windows of consecutive frames from one split of a CALVIN-format dataset, as dicts of numpy arrays.
 
@@ -231,6 +301,9 @@ class CalvinDataset:
         self.epoch = 0
         self.labels = EcotLabelReader(self.split_dir, self.episodes)
         self.lang = LanguageAnnotations.load(self.split_dir, lang_folder) if lang_only else None
+        self._spec_layout = _spec_layout(self.root)
+        self._layouts: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self.stored_keys: frozenset[str] = frozenset()
         self._check_keys_available()
         self.index = (WindowIndex.over_lang_windows(self.episodes, self.lang, self.window_len) if lang_only
                       else WindowIndex.over_episodes(self.episodes, self.window_len))
@@ -240,30 +313,96 @@ class CalvinDataset:
                              f"({len(self.episodes)} episode(s))")
 
     def _check_keys_available(self) -> None:
-        """Fail at construction, not in a DataLoader worker, when a requested key is not stored."""
+        """Fail at construction, not in a DataLoader worker, when a requested key is not stored or malformed."""
         frame_keys = [k for k in self.keys if k != LABEL_KEY]
         if LABEL_KEY in self.keys and not self.labels.available:
             raise KeyError(f"{LABEL_KEY!r} requested but {self.split_dir} has no {LABELS_FOLDER}/ folder "
                            "(real CALVIN data has no ECoT labels)")
         if not len(self.episodes):
             return
-        with np.load(self._frame_path(int(self.episodes[0, 0]))) as first:
-            stored = set(first.files)
+        first_id = int(self.episodes[0, 0])
+        path = self._frame_path(first_id)
+        try:
+            with np.load(path) as first:
+                stored = frozenset(first.files)
+        except Exception as err:
+            raise DatasetError(f"{path} (frame {first_id}): unreadable ({type(err).__name__}: {err}); the file is "
+                               "truncated or corrupt") from err
+        self.stored_keys = stored
         missing = [k for k in dict.fromkeys([*frame_keys, *self.goal_keys]) if k not in stored]
         if missing:
             hint = [k for k in missing if k in GHIL_EXTRA_KEYS]
             raise KeyError(f"{missing} not stored in {self.split_dir} (frames have {sorted(stored)})"
                            + (f"; {hint} exist only in ghil-collected data, not in real CALVIN" if hint else ""))
+        # Fix every requested key's layout now (and validate the first frame): a bad dataset fails here, in the
+        # main process, and every DataLoader worker gets a pickled copy that checks frames against the same sizes.
+        keys = list(dict.fromkeys([*frame_keys, *self.goal_keys]))
+        arrays = self._load_arrays(first_id, keys)
+        for key in keys:
+            self._layout(key, first=arrays[key])
+        self._validate(first_id, arrays)
 
     def _frame_path(self, frame_id: int) -> Path:
         path = self.split_dir / frame_file_name(frame_id)
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing although {EP_START_END_FILE} lists frame {frame_id}")
+            raise DatasetError(f"{path} (frame {frame_id}) is missing although {EP_START_END_FILE} lists it")
         return path
 
-    def _read_frame(self, frame_id: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        with np.load(self._frame_path(frame_id)) as npz:  # NpzFile reads (and decompresses) only the keys asked
-            return {key: npz[key] for key in keys}
+    def _layout(self, key: str, first: np.ndarray | None = None) -> tuple[tuple[int, ...], np.dtype]:
+        """The (shape, dtype) every frame's ``key`` must have: the ghil writer's FrameSpec, CALVIN's vector sizes,
+        or else the split's first frame (deterministic, so every DataLoader worker checks against the same)."""
+        if key not in self._layouts:
+            if key in self._spec_layout:
+                layout = self._spec_layout[key]
+            elif key in VECTOR_DIMS:
+                layout = ((VECTOR_DIMS[key],), np.dtype(np.float64))
+            else:
+                first_id = int(self.episodes[0, 0])
+                value = first if first is not None else self._load_arrays(first_id, (key,))[key]
+                problems = _first_frame_problems(key, value)
+                if problems:
+                    raise DatasetError(f"{self.split_dir / frame_file_name(first_id)} (frame {first_id}): "
+                                       + "; ".join(problems))
+                layout = (value.shape, value.dtype)
+            self._layouts[key] = layout
+        return self._layouts[key]
+
+    def _load_arrays(self, frame_id: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        path = self._frame_path(frame_id)
+        try:
+            with np.load(path) as npz:  # NpzFile reads (and decompresses) only the keys asked
+                absent = [key for key in keys if key not in npz.files]
+                if absent:
+                    raise DatasetError(f"{path} (frame {frame_id}): key {absent[0]!r} is not stored (this frame has "
+                                       f"{sorted(npz.files)}, the split's first frame {sorted(self.stored_keys)})")
+                return {key: npz[key] for key in keys}
+        except DatasetError:
+            raise
+        except Exception as err:  # BadZipFile, zlib.error, EOFError, ValueError (object arrays), OSError, ...
+            raise DatasetError(f"{path} (frame {frame_id}): unreadable ({type(err).__name__}: {err}); the file is "
+                               "truncated or corrupt") from err
+
+    def read_frame(self, frame_id: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """``keys`` of one frame, validated; DatasetError naming the file, frame and problem otherwise."""
+        return self._validate(frame_id, self._load_arrays(frame_id, keys))
+
+    def _validate(self, frame_id: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        problems = []
+        for key, value in arrays.items():
+            shape, dtype = self._layout(key)
+            # The writer's own checks: shape, dtype, NaN/inf, gripper exactly +-1, rel_actions within [-1, 1].
+            problems += _array_problems(key, value, shape, dtype, rel_tolerance=REL_ACTION_TOLERANCE)
+            if dtype != np.uint8 and dtype.kind != "f" and value.dtype != dtype:  # what _array_problems skips
+                problems.append(f"{key!r} has dtype {value.dtype}, expected {dtype}")
+        if problems:
+            raise DatasetError(f"{self.split_dir / frame_file_name(frame_id)} (frame {frame_id}): "
+                               + "; ".join(problems))
+        return arrays
+
+    def episode_array(self, row: int, key: str) -> np.ndarray:
+        """``key`` of every frame of episode ``row`` stacked (n_frames, ...), each frame validated as read_frame."""
+        start, end = (int(v) for v in self.episodes[row])
+        return np.stack([self.read_frame(frame, (key,))[key] for frame in range(start, end + 1)])
 
     # -- map-style dataset protocol -----------------------------------------------------------------------------
 
@@ -278,7 +417,7 @@ class CalvinDataset:
         episode_row = int(self.index.episode_rows[idx])
         frame_ids = np.arange(start, start + self.window_len, dtype=np.int64)
         frame_keys = [k for k in self.keys if k != LABEL_KEY]
-        frames = [self._read_frame(int(f), frame_keys) for f in frame_ids]
+        frames = [self.read_frame(int(f), frame_keys) for f in frame_ids]
         sample: dict[str, object] = {key: np.stack([f[key] for f in frames]) for key in frame_keys}
         sample["frame_ids"] = frame_ids
         sample["episode_row"] = np.int64(episode_row)
@@ -292,7 +431,7 @@ class CalvinDataset:
         if self.goal_horizon is not None:
             goal_id = self._goal_frame_id(idx, int(frame_ids[-1]), int(self.episodes[episode_row, 1]))
             sample["goal_frame_id"] = np.int64(goal_id)
-            sample.update({f"goal_{k}": v for k, v in self._read_frame(goal_id, self.goal_keys).items()})
+            sample.update({f"goal_{k}": v for k, v in self.read_frame(goal_id, self.goal_keys).items()})
         return sample
 
     def _goal_frame_id(self, idx: int, last_frame: int, episode_end: int) -> int:

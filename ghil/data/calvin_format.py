@@ -6,6 +6,7 @@ expect, plus ghil's extras, which CALVIN's loaders never look at::
     <root>/ghil_dataset.json                    format version + writer config (checked on resume)
     <root>/<split>/episode_0000000.npz ...      one file per frame, global ids contiguous per play episode
     <root>/<split>/_journal.jsonl               one line per committed episode (the writer's source of truth)
+    <root>/<split>/_journal_last.json           a copy of the newest journal line (restores a damaged last line)
     <root>/<split>/ecot_labels/ep_<start>_<end>.jsonl   one JSON reasoning label per frame of that episode
     <root>/<split>/ep_start_end_ids.npy         } written by DatasetWriter.finalize() from the journal;
     <root>/<split>/ep_lens.npy                  } ep_start_end_ids.npy last, so its presence (matching the
@@ -47,6 +48,10 @@ FORMAT_VERSION = 1
 DATASET_META_FILE = "ghil_dataset.json"
 WRITER_LOCK_FILE = ".ghil_writer.lock"
 JOURNAL_FILE = "_journal.jsonl"
+# A copy of the newest journal line, written (atomically) just before that line is appended. The journal's last
+# line is the only one a kill or a damaged disk block can tear; this copy lets a resume restore it instead of
+# taking the episode, whose files are complete on disk by then, for an uncommitted one and deleting it.
+LAST_COMMIT_FILE = "_journal_last.json"
 EP_START_END_FILE = "ep_start_end_ids.npy"
 EP_LENS_FILE = "ep_lens.npy"
 LANG_FOLDER = "lang_annotations"
@@ -55,6 +60,7 @@ STATISTICS_FILE = "statistics.yaml"
 LABELS_FOLDER = "ecot_labels"
 DEFAULT_SPLITS = ("training", "validation")
 
+SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a plain folder name: no "/", no "..", not absolute
 FRAME_FILE_RE = re.compile(r"^episode_(\d+)\.npz$")
 LABEL_FILE_RE = re.compile(r"^ep_(\d+)_(\d+)\.jsonl$")
 # Temp files start with "." and end with ".tmp": CALVIN's naming-pattern lookup (first file whose suffix contains
@@ -91,6 +97,10 @@ NORMALIZE_TARGET = "calvin_models.calvin_agent.utils.transforms.NormalizeVector"
 
 class DatasetFormatError(ValueError):
     """Base class of the format layer's errors about data, config or folder contents."""
+
+
+class DatasetError(DatasetFormatError):
+    """A dataset file that cannot be read, or that holds invalid values; the message names the file (and frame)."""
 
 
 class FrameValidationError(DatasetFormatError):
@@ -173,7 +183,12 @@ def frame_problems(frame: Mapping[str, object], spec: FrameSpec = CALVIN_SPEC) -
     return problems
 
 
-def _array_problems(key: str, value: object, shape: tuple[int, ...], dtype: np.dtype) -> list[str]:
+def _array_problems(key: str, value: object, shape: tuple[int, ...], dtype: np.dtype,
+                    rel_tolerance: float = 0.0) -> list[str]:
+    """Problems of one array against its expected shape and dtype, NaN/inf, gripper +-1 and rel_actions range.
+
+    ``rel_tolerance`` widens [-1, 1] for ``rel_actions`` when reading data someone else clipped (float rounding).
+    """
     if not isinstance(value, np.ndarray):
         return [f"{key!r} must be a numpy array, got {type(value).__name__}"]
     problems = []
@@ -191,7 +206,7 @@ def _array_problems(key: str, value: object, shape: tuple[int, ...], dtype: np.d
     elif key in GRIPPER_INDEX and value[GRIPPER_INDEX[key]] not in (-1.0, 1.0):
         problems.append(f"{key!r}[{GRIPPER_INDEX[key]}] (gripper) must be exactly -1 or +1, got "
                         f"{float(value[GRIPPER_INDEX[key]])!r}")
-    if key == "rel_actions" and not problems and np.abs(value).max() > 1.0:
+    if key == "rel_actions" and not problems and np.abs(value).max() > 1.0 + rel_tolerance:
         problems.append(f"'rel_actions' must lie in [-1, 1], got max |value| {np.abs(value).max():.4g}")
     return problems
 
@@ -344,18 +359,23 @@ def read_statistics(split_dir: str | os.PathLike) -> dict[str, object]:
     path = Path(split_dir) / STATISTICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; for a ghil dataset run DatasetWriter.resume(root).finalize()")
-    raw = yaml.safe_load(path.read_text()) or {}
-    stats: dict[str, object] = {}
-    for key, value in raw.items():
-        if isinstance(value, list) and value and isinstance(value[0], Mapping):
-            normalizer = next((t for t in value if "mean" in t and "std" in t), None)
-            if normalizer is not None:
-                stats[key] = {"mean": np.asarray(normalizer["mean"], dtype=np.float64),
-                              "std": np.asarray(normalizer["std"], dtype=np.float64)}
-        elif isinstance(value, list):
-            stats[key] = np.asarray(value, dtype=np.float64)
-        else:
-            stats[key] = value
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"the top level is a {type(raw).__name__}, not a mapping")
+        stats: dict[str, object] = {}
+        for key, value in raw.items():
+            if isinstance(value, list) and value and isinstance(value[0], Mapping):
+                normalizer = next((t for t in value if "mean" in t and "std" in t), None)
+                if normalizer is not None:
+                    stats[key] = {"mean": np.asarray(normalizer["mean"], dtype=np.float64),
+                                  "std": np.asarray(normalizer["std"], dtype=np.float64)}
+            elif isinstance(value, list):
+                stats[key] = np.asarray(value, dtype=np.float64)
+            else:
+                stats[key] = value
+    except (yaml.YAMLError, ValueError, TypeError) as err:  # UnicodeDecodeError is a ValueError
+        raise DatasetError(f"{path} is not a readable statistics file: {err}") from err
     return stats
 
 
@@ -391,36 +411,99 @@ class EpisodeRecord:
                    has_labels=bool(data["has_labels"]), stats=data["stats"])
 
 
-def _parse_journal(text: str, path: Path) -> tuple[list[EpisodeRecord], int]:
-    """Records of a journal's complete lines, and the byte length they span (the rest is a torn last line)."""
+@dataclass(frozen=True)
+class _ParsedJournal:
+    records: list[EpisodeRecord]
+    good_bytes: int  # byte length of the intact lines; anything after it is a damaged last line
+    damage: str | None  # what is wrong with the last line, or None when the journal is intact
+
+
+def _parse_record(line: bytes, expected_start: int) -> EpisodeRecord:
+    record = EpisodeRecord.from_json(json.loads(line.decode("utf-8")))
+    if record.start != expected_start or record.end < record.start:
+        raise ValueError(f"it covers frames [{record.start}, {record.end}] but the next free frame id is "
+                         f"{expected_start}")
+    return record
+
+
+def _parse_journal(raw: bytes, path: Path) -> _ParsedJournal:
+    """The records of a journal's intact lines. Only the last line may be damaged (torn by a kill mid-append, or
+    a damaged disk block at the end of the file): that is reported, not raised; a damaged earlier line raises."""
     records: list[EpisodeRecord] = []
     good_bytes = 0
-    lines = text.split("\n")
-    for i, line in enumerate(lines[:-1]):  # lines[-1] has no newline: empty, or torn by a kill mid-append
+    lines = raw.split(b"\n")
+    for i, line in enumerate(lines[:-1]):  # lines[-1] has no newline: empty, or torn
+        expected_start = records[-1].end + 1 if records else 0
         try:
-            record = EpisodeRecord.from_json(json.loads(line))
+            record = _parse_record(line, expected_start)
         except (ValueError, KeyError, TypeError) as err:
+            if i == len(lines) - 2 and not lines[-1]:  # the last line, complete but damaged
+                return _ParsedJournal(records, good_bytes, f"its last line is damaged ({err})")
             raise IncompatibleDatasetError(f"{path}: line {i + 1} is corrupt ({err}); the journal was edited "
                                            "outside DatasetWriter") from err
-        expected_start = records[-1].end + 1 if records else 0
-        if record.start != expected_start or record.end < record.start:
-            raise IncompatibleDatasetError(f"{path}: line {i + 1} covers frames [{record.start}, {record.end}] but "
-                                           f"the next free frame id is {expected_start}")
         records.append(record)
-        good_bytes += len(line.encode()) + 1
-    return records, good_bytes
+        good_bytes += len(line) + 1
+    damage = f"its last line is torn ({len(lines[-1])} bytes without a newline)" if lines[-1] else None
+    return _ParsedJournal(records, good_bytes, damage)
+
+
+def _last_commit_line(journal_path: Path) -> bytes | None:
+    """The raw journal line saved by the newest ``Journal.append`` (None when absent or unreadable)."""
+    try:
+        line = (journal_path.parent / LAST_COMMIT_FILE).read_bytes()
+    except OSError:
+        return None
+    return line if line.endswith(b"\n") and line.count(b"\n") == 1 else None
+
+
+def _episode_on_disk(split_dir: Path, record: EpisodeRecord) -> bool:
+    """Every file of ``record`` exists. Each is written atomically (temp + rename), so existing means complete."""
+    if record.has_labels and not (split_dir / LABELS_FOLDER / label_file_name(record.start, record.end)).is_file():
+        return False
+    return all((split_dir / frame_file_name(i)).is_file() for i in range(record.start, record.end + 1))
+
+
+def _recoverable_last_commit(journal_path: Path, records: list[EpisodeRecord]) -> tuple[EpisodeRecord, bytes] | None:
+    """The newest commit when the journal lacks it although its files are all on disk, with its raw line.
+
+    ``Journal.append`` saves the line to LAST_COMMIT_FILE before appending it, and the episode's files are durable
+    before either, so a saved line that continues the journal and whose files all exist is a committed episode
+    whose journal line was torn, damaged or lost. Restoring it (rather than deleting its frames as an interrupted
+    write) keeps a resume from destroying complete data.
+    """
+    line = _last_commit_line(journal_path)
+    if line is None:
+        return None
+    expected_start = records[-1].end + 1 if records else 0
+    try:
+        record = _parse_record(line[:-1], expected_start)
+    except (ValueError, KeyError, TypeError):
+        return None  # the copy is older (it names a journalled episode) or itself damaged: nothing to restore
+    if any(r.episode_key == record.episode_key for r in records) or not _episode_on_disk(journal_path.parent, record):
+        return None
+    return record, line
+
+
+def _frames_from(split_dir: Path, first_id: int) -> list[str]:
+    if not split_dir.is_dir():
+        return []
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if (m := FRAME_FILE_RE.match(e.name)) and int(m[1]) >= first_id)
 
 
 def read_journal(path: str | os.PathLike) -> list[EpisodeRecord]:
-    """The committed episodes listed in a journal, without modifying it (a torn last line is ignored)."""
+    """The committed episodes of a journal, without modifying it: what ``Journal(path)`` would resume with (a
+    damaged last line is ignored, or restored from LAST_COMMIT_FILE when that episode is complete on disk)."""
     path = Path(path)
     if not path.exists():
         return []
-    return _parse_journal(path.read_text(encoding="utf-8"), path)[0]
+    records = _parse_journal(path.read_bytes(), path).records
+    recovered = _recoverable_last_commit(path, records)
+    return records + [recovered[0]] if recovered else records
 
 
 class Journal:
-    """The append-only list of committed episodes of one split; repairs a line torn by a kill when opened.
+    """The append-only list of committed episodes of one split; repairs a damaged last line when opened.
 
     Usage::
 
@@ -434,21 +517,68 @@ class Journal:
         self.records: list[EpisodeRecord] = []
         if path.exists():
             raw = path.read_bytes()
-            self.records, good_bytes = _parse_journal(raw.decode("utf-8", errors="replace"), path)
-            if good_bytes != len(raw):
-                logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted commit",
-                               path, len(raw) - good_bytes)
-                with open(path, "r+b") as f:
-                    f.truncate(good_bytes)
-                    os.fsync(f.fileno())
+            parsed = _parse_journal(raw, path)
+            self.records = parsed.records
+            recovered = _recoverable_last_commit(path, self.records)
+            if parsed.damage and not recovered:
+                self._check_damage_is_an_interrupted_append(parsed)
+            if recovered or parsed.damage:
+                self._repair(parsed, recovered)
+
+    def _check_damage_is_an_interrupted_append(self, parsed: _ParsedJournal) -> None:
+        """Refuse (deleting nothing) unless the damaged last line provably belongs to an uncommitted write.
+
+        The resume deletes frames past the journal as leftovers of an interrupted episode. That is only safe when
+        LAST_COMMIT_FILE holds the journal's last intact line: then the damaged bytes were never preceded by their
+        saved copy, i.e. never a finished commit. Otherwise (copy absent, unreadable, or naming a later episode
+        whose files are incomplete) frames past the journal may be a committed episode, and must not be deleted.
+        """
+        orphans = _frames_from(self.path.parent, self.next_frame_id)
+        if not orphans or self._last_commit_is_journalled():
+            return
+        raise IncompatibleDatasetError(
+            f"{self.path}: {parsed.damage} and it cannot be restored from {LAST_COMMIT_FILE}, but frames from "
+            f"{orphans[0]} on ({len(orphans)} file(s)) lie past the journal's last intact episode; they may belong "
+            "to a committed episode, so nothing was deleted. Restore the journal from a backup, or delete those "
+            "frames by hand to discard them")
+
+    def _last_commit_is_journalled(self) -> bool:
+        line = _last_commit_line(self.path)
+        if line is None or not self.records:
+            return False
+        last = self.records[-1]
+        try:
+            saved = _parse_record(line[:-1], last.start)
+        except (ValueError, KeyError, TypeError):
+            return False
+        return (saved.episode_key, saved.end) == (last.episode_key, last.end)
+
+    def _repair(self, parsed: _ParsedJournal, recovered: tuple[EpisodeRecord, bytes] | None) -> None:
+        if parsed.damage:
+            logger.warning("%s: %s; dropping it", self.path, parsed.damage)
+        with open(self.path, "r+b") as f:
+            f.truncate(parsed.good_bytes)
+            if recovered:
+                record, line = recovered
+                logger.warning("%s: restored the journal line of committed episode %r (frames [%d, %d]) from %s",
+                               self.path, record.episode_key, record.start, record.end, LAST_COMMIT_FILE)
+                f.seek(parsed.good_bytes)
+                f.write(line)
+                self.records.append(record)
+            os.fsync(f.fileno())
 
     @property
     def next_frame_id(self) -> int:
         return self.records[-1].end + 1 if self.records else 0
 
     def append(self, record: EpisodeRecord) -> None:
+        line = record.to_json_line()
+        # Saved first: if the append below is torn (or its bytes later damaged), a resume restores the line from
+        # this copy instead of deleting the episode's frames, which are already complete on disk.
+        _atomic_write(self.path.parent / LAST_COMMIT_FILE, line.encode("utf-8"))
+        _fsync_dir(self.path.parent)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(record.to_json_line())
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
         self.records.append(record)
@@ -658,13 +788,16 @@ class DatasetWriter:
 
     def _discard_dataset(self, meta: Mapping) -> None:
         """Delete every file an earlier DatasetWriter created here (only those: foreign files stay)."""
-        old_splits = meta.get("config", {}).get("splits", [])
-        for split in dict.fromkeys([*old_splits, *self.splits]):
-            split_dir = self.root / split
-            if not split_dir.is_dir():
-                continue
-            for path in _writer_files(split_dir):
-                path.unlink()
+        # The stored split names come from a file anyone can edit: "../x" or "/home" would point the deletion
+        # outside the dataset. Every folder is checked before the first file goes, so a refusal deletes nothing.
+        folders = [self.root / split for split in dict.fromkeys([*_stored_split_names(meta, self.root),
+                                                                *self.splits])]
+        folders = [folder for folder in folders if folder.is_dir()]
+        for folder in folders:
+            _check_inside_root(folder, self.root)
+        doomed = [path for folder in folders for path in _writer_files(folder)]
+        for path in doomed:
+            path.unlink()
         (self.root / DATASET_META_FILE).unlink(missing_ok=True)
         logger.warning("overwrite=True: discarded the existing dataset in %s", self.root)
 
@@ -810,11 +943,35 @@ def _checked_splits(splits: Sequence[str]) -> tuple[str, ...]:
     if isinstance(splits, str) or not splits:
         raise DatasetFormatError(f"splits must be a non-empty list of folder names, got {splits!r}")
     for split in splits:
-        if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", split):
+        if not isinstance(split, str) or not SPLIT_NAME_RE.fullmatch(split):
             raise DatasetFormatError(f"split name {split!r} must be a plain folder name (letters, digits, _ . -)")
     if len(set(splits)) != len(splits):
         raise DatasetFormatError(f"split names must be unique, got {list(splits)}")
     return tuple(splits)
+
+
+def _stored_split_names(meta: Mapping, root: Path) -> list[str]:
+    """The split names of a stored ghil_dataset.json, refused unless each is a plain folder name."""
+    config = meta.get("config", {}) if isinstance(meta, Mapping) else None
+    splits = config.get("splits", []) if isinstance(config, Mapping) else None
+    bad = ([s for s in splits if not isinstance(s, str) or not SPLIT_NAME_RE.fullmatch(s)]
+           if isinstance(splits, list) else [splits])
+    if bad:
+        raise IncompatibleDatasetError(
+            f"{root / DATASET_META_FILE} lists split names {bad!r} that are not plain folder names (letters, digits, "
+            "_ . -); overwrite=True refuses to delete anything outside the dataset folder, so nothing was deleted. "
+            "Fix or remove that file by hand")
+    return splits
+
+
+def _check_inside_root(folder: Path, root: Path) -> None:
+    """Refuse a folder (or its writer subfolders) that resolves, e.g. through a symlink, outside ``root``."""
+    real_root = root.resolve()
+    for path in (folder, folder / LABELS_FOLDER, folder / LANG_FOLDER):
+        if path.exists() and real_root not in path.resolve().parents:
+            raise IncompatibleDatasetError(
+                f"{path} resolves to {path.resolve()}, outside the dataset folder {real_root}; overwrite=True "
+                "deletes only inside the dataset, so nothing was deleted")
 
 
 def _check_format_version(meta: Mapping, root: Path) -> None:
@@ -827,7 +984,7 @@ def _check_format_version(meta: Mapping, root: Path) -> None:
 
 def _writer_files(split_dir: Path) -> Iterable[Path]:
     """Every file a DatasetWriter may have created in ``split_dir``."""
-    named = [JOURNAL_FILE, EP_START_END_FILE, EP_LENS_FILE, STATISTICS_FILE]
+    named = [JOURNAL_FILE, LAST_COMMIT_FILE, EP_START_END_FILE, EP_LENS_FILE, STATISTICS_FILE]
     yield from (split_dir / name for name in named if (split_dir / name).exists())
     for folder in (split_dir, split_dir / LABELS_FOLDER, split_dir / LANG_FOLDER):
         if folder.is_dir():

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ghil.data.calvin_dataset import CalvinDataset
-from ghil.data.calvin_format import frame_file_name
 from ghil.normalizer import VectorStats
 
 
 @dataclass(frozen=True)
 class PolicyDataConfig:
-    """Where the data is and how goals are drawn; cameras, chunk length and action key come from the policy."""
+    """Where the data is and how goals are drawn; cameras, chunk length and action key come from the policy.
+
+    The defaults are the ``data`` node of ``ghil/configs/recipe/policy.yaml`` (tests/test_settings.py checks).
+    """
 
     root: str
     split: str = "training"
@@ -70,11 +72,9 @@ class PolicyDataset:
         self._vectors: dict[tuple[int, str], np.ndarray] = {}
 
     def _check_action_key(self) -> None:
-        start = int(self.frames.episodes[0, 0])
-        with np.load(self.frames.split_dir / frame_file_name(start)) as npz:
-            if self.action_key not in npz.files:
-                raise KeyError(f"action key {self.action_key!r} is not stored in {self.frames.split_dir} (frames have "
-                               f"{sorted(npz.files)}); joint_actions exist only in ghil-collected data")
+        if self.action_key not in self.frames.stored_keys:
+            raise KeyError(f"action key {self.action_key!r} is not stored in {self.frames.split_dir} (frames have "
+                           f"{sorted(self.frames.stored_keys)}); joint_actions exist only in ghil-collected data")
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -87,12 +87,9 @@ class PolicyDataset:
         """(n_frames, d) float32 values of ``key`` over episode ``row`` (cached)."""
         cache_key = (int(row), key)
         if cache_key not in self._vectors:
-            start, end = (int(v) for v in self.frames.episodes[row])
-            values = []
-            for frame in range(start, end + 1):
-                with np.load(self.frames.split_dir / frame_file_name(frame)) as npz:
-                    values.append(np.asarray(npz[key], dtype=np.float32))
-            self._vectors[cache_key] = np.stack(values)
+            # Through the loader, so every frame is validated (finite, rel_actions within [-1, 1], ...): the
+            # normaliser statistics are fitted from these vectors and one bad frame would poison them.
+            self._vectors[cache_key] = self.frames.episode_array(row, key).astype(np.float32)
         return self._vectors[cache_key]
 
     def __getitem__(self, idx: int) -> dict[str, object]:

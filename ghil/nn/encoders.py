@@ -69,14 +69,15 @@ class BasicBlock(nn.Module):
 class ResNetGNConfig:
     """A ResNet with GroupNorm: ``channels[i]`` filters and ``blocks[i]`` basic blocks in stage i.
 
-    ResNet-18 is ``channels=(64, 128, 256, 512), blocks=(2, 2, 2, 2), stem_kernel=7, stem_pool=True``.
+    ResNet-18 is ``channels=(64, 128, 256, 512), blocks=(2, 2, 2, 2), stem_kernel=7, stem_pool=True``. The
+    defaults are dit_small's encoder (``ghil/configs/policy/dit_small.yaml``; tests/test_settings.py checks).
     """
 
-    channels: tuple[int, ...] = (32, 64, 128, 256)
+    channels: tuple[int, ...] = (16, 32, 64, 112)
     blocks: tuple[int, ...] = (1, 1, 1, 1)
     stem_kernel: int = 3  # 7 with a max-pool for 200+ px inputs; 3 without for small images
-    stem_pool: bool = False
-    groups: int = 16  # GroupNorm groups (fewer when a layer has fewer channels)
+    stem_pool: bool = True
+    groups: int = 8  # GroupNorm groups (fewer when a layer has fewer channels)
     tokens_side: int = 1  # the final feature map is average-pooled to tokens_side x tokens_side tokens
 
     def __post_init__(self) -> None:

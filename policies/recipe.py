@@ -1,0 +1,99 @@
+"""``ghil train recipe=policy``: what the one trainer needs to train a low-level chunk policy.
+
+Hydra builds ``PolicyRecipe`` from ``ghil/configs/recipe/policy.yaml`` with the instantiated ``policy`` node (its
+``sampler`` and ``text_encoder`` resolved) and the ``data`` settings (``PolicyDataConfig``). ``build()`` checks the
+data against the policy *before* anything is written (the split exists, every camera's frames have the policy's
+``image_sizes``, the action key is stored) and returns a ``ghil.train.TrainingSetup``: the policy, the training and
+validation ``PolicyDataset``, ``collate_policy``, the normaliser fit, the fingerprint a resume must match (the
+policy's saved configuration and the data settings, ``data.root`` resolved) and the ``ghil eval`` command for its
+checkpoints (``agent=oracle_subgoal_policy`` for goal-conditioned policies, ``agent=flat_policy`` for
+language-only ones).
+
+Usage::
+
+    ghil train policy=dit_small sampler=shortcut data.root=data/playtable_play run_name=dit_small    # recipe=policy
+    setup = PolicyRecipe(DiTPolicy(DiTConfig(), ShortcutConfig()), {"root": "data/playtable_play"}).build()
+    setup.fit_statistics()                                       # policy.fit_normalizer(dataset statistics)
+    Trainer.from_setup(setup, TrainConfig(out_dir="runs/x")).fit()
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from ghil.checkpoint import config_to_dict
+from ghil.data.policy_dataset import PolicyDataConfig, PolicyDataset, collate_policy, compute_policy_stats
+from ghil.train import TrainingSetup
+
+log = logging.getLogger(__name__)
+
+# camera -> the `ghil collect` setting that sizes its frames
+COLLECT_SIZE_SETTINGS = {"rgb_static": "env.static_size", "rgb_gripper": "env.gripper_size"}
+
+
+class PolicyRecipe:
+    """Dataset, statistics and checks for a chunk policy (``DiTPolicy`` or anything with its config attributes)."""
+
+    def __init__(self, policy: Any, data: PolicyDataConfig | Mapping[str, Any]):
+        self.policy = policy
+        self.data = data if isinstance(data, PolicyDataConfig) else PolicyDataConfig(**dict(data))
+
+    def dataset(self, split: str) -> PolicyDataset:
+        pc = self.policy.config
+        return PolicyDataset(replace(self.data, split=split), cameras=pc.cameras,
+                             goal_camera=pc.goal_camera if pc.use_goal else None,
+                             action_key=self.policy.space.dataset_key, chunk_len=pc.chunk_len)
+
+    def check_frame_sizes(self, dataset: PolicyDataset) -> None:
+        """Refuse data whose frames are not the policy's ``image_sizes``, naming the collect settings that fit."""
+        pc = self.policy.config
+        sample = dataset[0]
+        got = {cam: tuple(sample["images"][cam].shape[:2]) for cam in pc.cameras}
+        wrong = {cam: shape for cam, shape in got.items() if shape != (pc.image_size[cam],) * 2}
+        if not wrong:
+            return
+        have = ", ".join(f"{cam} {h}x{w}" for cam, (h, w) in got.items())
+        want = ", ".join(f"{cam} {s}x{s}" for cam, s in pc.image_size.items())
+        collect = " ".join(f"{COLLECT_SIZE_SETTINGS[cam]}={pc.image_size[cam]}" for cam in pc.cameras
+                           if cam in COLLECT_SIZE_SETTINGS)
+        hint = (f"collect matching data with `ghil collect {collect} collect.out_dir=<folder>` and train on it, or "
+                if collect else "")
+        raise ValueError(f"the policy expects {want} frames (policy.config.image_sizes={list(pc.image_sizes)}), but "
+                         f"{self.data.root} has {have}: {hint}choose a policy preset for these frames "
+                         f"(policy=dit_small expects CALVIN's 200x200 / 84x84)")
+
+    def fit_statistics(self, dataset: PolicyDataset) -> None:
+        key = self.policy.space.dataset_key
+        stats = compute_policy_stats(dataset, keys=(self.data.proprio_key, key))
+        self.policy.fit_normalizer({"robot_obs" if k == self.data.proprio_key else k: v for k, v in stats.items()})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resume must match: the policy's saved configuration and the data settings (root resolved)."""
+        model = {"type": getattr(self.policy, "type_name", type(self.policy).__qualname__),
+                 "init": {k: config_to_dict(v) for k, v in self.policy.init_kwargs().items()}}
+        return {"model": model, "data": {**asdict(self.data), "root": str(Path(self.data.root).resolve())}}
+
+    def eval_command(self, checkpoint: str) -> str:
+        agent = "oracle_subgoal_policy" if self.policy.config.use_goal else "flat_policy"
+        return f"ghil eval agent={agent} agent.policy.path={checkpoint}"
+
+    def build(self) -> TrainingSetup:
+        pc = self.policy.config
+        if pc.use_language and not self.data.lang_only:
+            log.warning("language-conditioned policy trained on all windows: unannotated samples get the "
+                        "no-language token")
+        dataset = self.dataset(self.data.split)
+        self.check_frame_sizes(dataset)
+        val_dataset = None
+        if self.data.val_split and (Path(self.data.root) / self.data.val_split).is_dir():
+            val_dataset = self.dataset(self.data.val_split)
+        elif self.data.val_split:
+            log.info("%s has no %r split: no validation data (data.val_split=null turns it off)", self.data.root,
+                     self.data.val_split)
+        return TrainingSetup(model=self.policy, dataset=dataset, collate_fn=collate_policy, val_dataset=val_dataset,
+                             fit_statistics=lambda: self.fit_statistics(dataset), fingerprint=self.fingerprint(),
+                             eval_command=self.eval_command)
