@@ -15,7 +15,9 @@ unchanged), a tqdm bar, TensorBoard + JSONL logs, and periodic checkpoints::
     <out_dir>/checkpoints/step_0000500/              config.json + model.safetensors (EMA weights: what ships)
         training_state/                              model.safetensors (raw weights), optimizer.safetensors +
                                                      optimizer.json, scheduler.json, rng_<rank>.safetensors,
-                                                     step.json, fingerprint.json (model + data settings)
+                                                     rng_<rank>.sha256, step.json (with the sha256 of every
+                                                     state file, checked on resume), fingerprint.json (model +
+                                                     data settings)
     <out_dir>/checkpoints/last -> step_0000500
 
 Resume is exact: the data order is a pure function of (seed, step) (a seeded permutation per epoch, sharded over
@@ -52,7 +54,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ghil.checkpoint import CheckpointError, load_pretrained, load_state_strict, read_weights, write_weights
+from ghil.checkpoint import (CONFIG_FILE, HASH_KEY, CheckpointError, load_pretrained, load_state_strict, read_weights,
+                             write_weights)
 from ghil.interfaces import Learnable, Logger
 
 log = logging.getLogger(__name__)
@@ -252,7 +255,8 @@ class StepSampler(torch.utils.data.Sampler):
         return (self.batches_per_epoch - self.first_batch) * self.batch_size
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def _optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> str:
+    """Write the optimiser's tensors and scalars; returns the sha256 of its tensor file."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, entry in state["state"].items():
@@ -261,12 +265,13 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                 tensors[f"{pid}.{name}"] = value
             else:
                 scalars[f"{pid}.{name}"] = value
-    write_weights(tensors, folder / "optimizer.safetensors")
+    digest = write_weights(tensors, folder / "optimizer.safetensors")
     (folder / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+    return digest
 
 
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    tensors = read_weights(folder / "optimizer.safetensors")
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path, sha256: str | None) -> None:
+    tensors = read_weights(folder / "optimizer.safetensors", sha256=sha256)
     meta = json.loads((folder / "optimizer.json").read_text())
     state: dict[int, dict[str, Any]] = {}
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
@@ -386,16 +391,19 @@ class Trainer:
             (tmp / STATE).mkdir(parents=True)
             shipped = self.ema.model if self.ema is not None else self.model
             shipped.save_pretrained(tmp)
-            write_weights(self.model.state_dict(), tmp / STATE / "model.safetensors")
-            _optimizer_to_files(self.optimizer, tmp / STATE)
+            # Every resume file is hash-checked when read back: a damaged state would otherwise resume silently.
+            hashes = {"model.safetensors": write_weights(self.model.state_dict(), tmp / STATE / "model.safetensors"),
+                      "optimizer.safetensors": _optimizer_to_files(self.optimizer, tmp / STATE)}
             (tmp / STATE / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict(), default=lambda o: None))
             (tmp / STATE / "step.json").write_text(json.dumps({"step": self.step, "total_steps":
                                                                self.config.total_steps, "seed": self.config.seed,
-                                                               "num_processes": self.accelerator.num_processes}))
+                                                               "num_processes": self.accelerator.num_processes,
+                                                               "sha256": hashes}))
             if self.fingerprint is not None:
                 (tmp / STATE / FINGERPRINT).write_text(json.dumps(self.fingerprint, indent=2))
         self.accelerator.wait_for_everyone()
-        write_weights(_rng_state(), tmp / STATE / f"rng_{rank}.safetensors")
+        rng_hash = write_weights(_rng_state(), tmp / STATE / f"rng_{rank}.safetensors")
+        (tmp / STATE / f"rng_{rank}.sha256").write_text(rng_hash)
         self.accelerator.wait_for_everyone()
         if self.is_main:
             if final.exists():
@@ -428,16 +436,23 @@ class Trainer:
         if info.get("total_steps") != self.config.total_steps or info.get("seed") != self.config.seed:
             log.warning("resuming %s with total_steps/seed %s/%s (checkpoint: %s/%s): not an exact continuation",
                         path, self.config.total_steps, self.config.seed, info.get("total_steps"), info.get("seed"))
-        load_state_strict(self.model, read_weights(state / "model.safetensors"), str(state / "model.safetensors"))
+        hashes = info.get("sha256", {})  # absent in runs written before hashes were kept: loaded unverified
+        load_state_strict(self.model, read_weights(state / "model.safetensors", sha256=hashes.get("model.safetensors")),
+                          str(state / "model.safetensors"))
         if self.ema is not None:
-            load_state_strict(self.ema.model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"))
-        _optimizer_from_files(self.optimizer, state)
+            shipped_hash = json.loads((path / CONFIG_FILE).read_text()).get(HASH_KEY)
+            load_state_strict(self.ema.model, read_weights(path / "model.safetensors", sha256=shipped_hash),
+                              str(path / "model.safetensors"))
+        _optimizer_from_files(self.optimizer, state, hashes.get("optimizer.safetensors"))
         sched = json.loads((state / "scheduler.json").read_text())
         sched.pop("lr_lambdas", None)
         self.scheduler.__dict__.update(sched)
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
-        _set_rng_state(read_weights(state / f"rng_{self.accelerator.process_index}.safetensors"))
+        rank = self.accelerator.process_index
+        rng_hash = state / f"rng_{rank}.sha256"
+        _set_rng_state(read_weights(state / f"rng_{rank}.safetensors",
+                                    sha256=rng_hash.read_text().strip() if rng_hash.exists() else None))
         self.step = int(info["step"])
 
     def _check_fingerprint(self, path: Path) -> None:

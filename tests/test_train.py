@@ -324,3 +324,20 @@ def test_trainer_always_attaches_ema_or_none_and_holds_no_policy_code(tmp_path):
     for name in ("PolicyDataset", "collate_policy", "compute_policy_stats", "from policies", "import policies",
                  "hasattr(model"):
         assert name not in source, name
+
+
+@pytest.mark.parametrize("damaged", ["training_state/model.safetensors", "training_state/optimizer.safetensors",
+                                     "training_state/rng_0.safetensors", "model.safetensors"])
+def test_resume_refuses_a_damaged_state_file(data_root, tmp_path, damaged):
+    """Every file a resume reads is hash-checked: one flipped byte stops the resume, naming the file."""
+    from ghil.checkpoint import CheckpointError
+
+    policy, ds = make(data_root, ShortcutConfig())
+    Trainer(policy, ds, train_cfg(tmp_path / "run"), collate_policy).fit(stop_at=2)
+    file = latest_checkpoint(tmp_path / "run") / damaged
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF  # in the tensor data, past the safetensors header
+    file.write_bytes(bytes(data))
+    fresh, ds = make(data_root, ShortcutConfig())
+    with pytest.raises(CheckpointError, match=r"modified or corrupted"):
+        Trainer(fresh, ds, train_cfg(tmp_path / "run"), collate_policy).fit()
