@@ -120,6 +120,16 @@ BAD_ACTIONS = [
     ({"action": [2, 0, 0, 0, 0, 0, 1], "type": "cartesian_rel"}, "[-1, 1]"),
     ({"action": [0] * 7 + [0.5], "type": "joint_rel"}, "exactly -1 (close) or +1 (open)"),
     ({"action": [0] * 7 + [np.inf], "type": "joint_abs"}, "non-finite"),
+    # issue 10: non-string types, values that are not real numbers, targets outside the workspace
+    ({"action": [0] * 6 + [1], "type": ["cartesian_rel"]}, "'type' must be a string"),
+    (["0.1"] * 6 + ["1"], "got strings"),
+    (np.array([0, 0, 0, 0, 0, 0, 1], dtype=complex), "got complex numbers"),
+    ([False] * 6 + [True], "got bools"),
+    (([9e307, 0, 0.5], [0, 0, 0], 1), "outside the workspace"),
+    (([0.1, 0, 0.5], [0, 0, 50.0], 1), "|angle| <="),
+    ({"action": [0.1, 0, 3.0, 0, 0, 0, 1, 1], "type": "cartesian_abs"}, "z = 3"),
+    ({"action": [7.0] + [0] * 6 + [1], "type": "joint_abs"}, "|q| <="),
+    ({"action": [0] * 6 + [-7.0, 1], "type": "joint_rel"}, "|q| <="),
 ]
 
 
@@ -178,3 +188,26 @@ def test_bad_state_has_clear_error(kwargs, fragment):
     with pytest.raises(InvalidStateError) as err:
         validate_state_obs(**kwargs)
     assert fragment in str(err.value)
+
+
+def test_lenient_state_obs_teleports_anywhere_finite():
+    # calvin_env's behaviour: any finite state with the right lengths (and 0/1 lights) is accepted.
+    scene = _scene_obs()
+    scene[layout.DRAWER_IDX] = 5.0
+    robot = np.r_[layout.NEUTRAL_ROBOT_OBS[:7], np.full(7, 1e6), 1.0]
+    validate_state_obs(robot, scene)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(scene_obs=np.r_[0, 5.0, np.zeros(22)]), "scene_obs[1] (drawer) = 5 is outside"),
+    (dict(robot_obs=np.r_[layout.NEUTRAL_ROBOT_OBS[:7], np.full(7, 1e6), 1.0]), "robot_obs[7] (joint_1)"),
+    (dict(robot_obs=np.r_[layout.NEUTRAL_ROBOT_OBS[:14], 0.0]), "robot_obs[14] (gripper_action)"),
+])
+def test_strict_state_obs_refuses_impossible_states(kwargs, fragment):
+    with pytest.raises(InvalidStateError) as err:
+        validate_state_obs(**kwargs, strict=True)
+    assert fragment in str(err.value)
+
+
+def test_strict_state_obs_accepts_the_neutral_pose_and_a_resting_scene():
+    validate_state_obs(layout.NEUTRAL_ROBOT_OBS, _scene_obs(), strict=True)

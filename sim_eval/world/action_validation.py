@@ -25,6 +25,16 @@ Accepted action forms (the same as calvin_env's ``Robot.apply_action``):
 
 The gripper value must be exactly -1 (close) or +1 (open) in every form.
 
+Values must be real numbers: ints, floats (any numpy int/float dtype, or an object array of such numbers). Refused:
+strings (even numeric ones, ``"0.1"``), complex numbers (even with a zero imaginary part: numpy would drop it
+silently) and bools (``True``/``False`` as an action is a mask passed by mistake, and a bool gripper cannot say -1).
+
+Absolute targets must lie in the stated workspace (``layout.WORKSPACE_LOW_M`` .. ``WORKSPACE_HIGH_M``: |x|, |y| <= 2 m,
+z in [-0.5, 2] m, a generous box around the Panda's reach) with euler angles |a| <= ``layout.MAX_ABS_ANGLE_RAD`` (4 pi);
+joint targets and deltas must satisfy |q| <= ``layout.MAX_JOINT_ACTION_RAD`` (2 pi; the env then clips targets to the
+Panda's limits). This is checked before any inverse kinematics runs: pybullet's IK loops forever, in C and deaf to
+signals, on a target near 1e308.
+
 Usage::
 
     from sim_eval.world.action_validation import validate_action, validate_state_obs
@@ -74,12 +84,39 @@ class InvalidStateError(ValueError):
     """A ``robot_obs`` / ``scene_obs`` given to ``reset`` that does not have CALVIN's shape or is not finite."""
 
 
-def _as_float_vector(values: Any, what: str) -> np.ndarray:
-    """A fresh 1-D float64 copy (never a view: calvin_env once modified relative actions in place, 27a27a2)."""
+_REAL_KINDS = frozenset("fiu")  # numpy dtype kinds accepted as numbers: float, signed and unsigned int
+_REFUSED_SCALARS = (str, bytes, bool, np.bool_, complex, np.complexfloating)
+_NOT_NUMBERS_HINT = ("pass real numbers (int or float): strings, even numeric ones, complex numbers and bools "
+                     "are refused")
+
+
+def _real_array(values: Any, what: str, error: type[ValueError], must: str = "numbers") -> np.ndarray:
+    """``values`` as a fresh float64 array, refusing anything that is not made of real numbers (see module doc)."""
     try:
-        arr = np.array(values, dtype=np.float64, copy=True)
-    except (TypeError, ValueError) as exc:
-        raise InvalidActionError(f"{what} must be numbers, got {values!r} ({exc})") from None
+        raw = np.asarray(values)
+    except (TypeError, ValueError) as exc:  # ragged nesting, or an object numpy cannot take
+        raise error(f"{what} must be {must}, got {values!r} ({exc})") from None
+    kind = raw.dtype.kind
+    if kind == "O":  # a list mixing numpy scalars, tensors, None, ...: check each item
+        items = raw.ravel()
+        bad = [i for i, v in enumerate(items) if isinstance(v, _REFUSED_SCALARS)]
+        if bad:
+            raise error(f"{what} must be {must}, got {type(items[bad[0]]).__name__} {items[bad[0]]!r} at "
+                        f"flat index {bad[0]}; {_NOT_NUMBERS_HINT}")
+        try:
+            return np.array([float(v) for v in items], dtype=np.float64).reshape(raw.shape)
+        except (TypeError, ValueError) as exc:
+            raise error(f"{what} must be {must}, got {values!r} ({exc})") from None
+    if kind not in _REAL_KINDS:
+        described = {"U": "strings", "S": "bytes", "c": "complex numbers", "b": "bools"}.get(kind, f"dtype {raw.dtype}")
+        raise error(f"{what} must be {must}, got {described} {values!r}; {_NOT_NUMBERS_HINT}")
+    # A fresh copy, never a view (calvin_env once modified relative actions in place, 27a27a2).
+    return np.array(raw, dtype=np.float64, copy=True)
+
+
+def _as_float_vector(values: Any, what: str) -> np.ndarray:
+    """A fresh 1-D float64 copy of real numbers."""
+    arr = _real_array(values, what, InvalidActionError)
     if arr.ndim != 1:
         raise InvalidActionError(
             f"{what} must be a flat vector, got shape {arr.shape}"
@@ -107,6 +144,46 @@ def _check_relative_range(arr: np.ndarray, what: str) -> None:
         raise InvalidActionError(
             f"{what}: relative values must lie in [-1, 1] (the env scales them by 0.02 m / 0.05 rad per step), "
             f"got {arr[out].tolist()} at indices {out.tolist()}; clip them, or send an absolute action"
+        )
+
+
+_AXES = ("x", "y", "z")
+
+
+_WORKSPACE = tuple(zip(layout.WORKSPACE_LOW_M.tolist(), layout.WORKSPACE_HIGH_M.tolist()))
+
+
+def _check_workspace(arr: np.ndarray, what: str) -> None:
+    """An absolute cartesian target inside the stated workspace, before any IK sees it (issue 10).
+
+    Plain float comparisons: numpy on 3 values costs more than the check (this runs every step)."""
+    pos = arr[:3].tolist()
+    out = [i for i, (v, (lo, hi)) in enumerate(zip(pos, _WORKSPACE)) if not lo <= v <= hi]
+    if out:
+        lo, hi = layout.WORKSPACE_LOW_M, layout.WORKSPACE_HIGH_M
+        got = ", ".join(f"{_AXES[i]} = {pos[i]:.6g}" for i in out)
+        raise InvalidActionError(
+            f"{what}: the absolute position is outside the workspace x [{lo[0]:g}, {hi[0]:g}], "
+            f"y [{lo[1]:g}, {hi[1]:g}], z [{lo[2]:g}, {hi[2]:g}] m (layout.WORKSPACE_LOW_M/HIGH_M): {got}"
+        )
+    if arr.shape[0] == 7:  # euler xyz (a quaternion is bounded by its unit norm)
+        euler = arr[3:6].tolist()
+        out = [3 + i for i, v in enumerate(euler) if abs(v) > layout.MAX_ABS_ANGLE_RAD]
+        if out:
+            raise InvalidActionError(
+                f"{what}: euler angles must satisfy |angle| <= {layout.MAX_ABS_ANGLE_RAD:.6g} rad (4 pi), got "
+                f"{[euler[i - 3] for i in out]} at indices {out}; wrap them to [-pi, pi]"
+            )
+
+
+def _check_joint_magnitude(arr: np.ndarray, kind: str, what: str) -> None:
+    joints = arr[:7].tolist()
+    out = [i for i, v in enumerate(joints) if abs(v) > layout.MAX_JOINT_ACTION_RAD]
+    if out:
+        noun = "joint angles" if kind == "joint_abs" else "joint deltas"
+        raise InvalidActionError(
+            f"{what}: {noun} must satisfy |q| <= {layout.MAX_JOINT_ACTION_RAD:.6g} rad (2 pi; targets are then "
+            f"clipped to the Panda's limits), got {[joints[i] for i in out]} at indices {out}; are they radians?"
         )
 
 
@@ -151,12 +228,16 @@ def _check_typed(kind: str, arr: np.ndarray, what: str) -> dict:
     _check_finite(arr, what)
     if kind == "cartesian_rel":
         _check_relative_range(arr, what)
-    if kind == "cartesian_abs" and arr.shape[0] == 8:
-        norm = float(np.linalg.norm(arr[3:7]))
-        if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
-            raise InvalidActionError(
-                f"{what}: the quaternion (xyzw) must have unit norm, got norm {norm:.6g} for {arr[3:7].tolist()}"
-            )
+    if kind == "cartesian_abs":
+        if arr.shape[0] == 8:
+            norm = float(np.linalg.norm(arr[3:7]))
+            if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
+                raise InvalidActionError(
+                    f"{what}: the quaternion (xyzw) must have unit norm, got norm {norm:.6g} for {arr[3:7].tolist()}"
+                )
+        _check_workspace(arr, what)
+    elif kind in ("joint_abs", "joint_rel"):
+        _check_joint_magnitude(arr, kind, what)
     _check_gripper(float(arr[-1]), what)
     return {"type": kind, "action": arr}
 
@@ -181,6 +262,11 @@ def validate_action(action: Any) -> dict:
                 f"got keys {sorted(map(str, action))}"
             )
         kind = action["type"]
+        if not isinstance(kind, str):
+            raise InvalidActionError(
+                f"a dict action's 'type' must be a string, one of {list(ACTION_TYPES)}; "
+                f"got {type(kind).__name__} {kind!r}"
+            )
         if kind not in ACTION_TYPES:
             raise InvalidActionError(f"unknown action type {kind!r}; choose one of {list(ACTION_TYPES)}")
         what = f"{kind} action"
@@ -205,39 +291,89 @@ def validate_action(action: Any) -> dict:
     return _check_typed("cartesian_rel", arr, "relative action")
 
 
-def _validate_state_vector(values: Any, size: int, name: str, layout_hint: str) -> np.ndarray:
-    try:
-        arr = np.array(values, dtype=np.float64, copy=True)
-    except (TypeError, ValueError) as exc:
-        raise InvalidStateError(f"{name} must be {size} numbers, got {values!r} ({exc})") from None
+# Strict resets (``validate_state_obs(..., strict=True)``): the range each state value may take. Measured states sit
+# a little past a limit at times (joint limits are soft constraints), hence the tolerances; anything beyond them is
+# a state the world cannot be in (a drawer 5 m out, a joint at 1e6 rad, a block under the floor).
+STRICT_JOINT_TOLERANCE_RAD = 0.05
+STRICT_LENGTH_TOLERANCE_M = 0.01
+
+
+def _strict_bounds() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    angle = layout.MAX_ABS_ANGLE_RAD
+    tol_m, tol_q = STRICT_LENGTH_TOLERANCE_M, STRICT_JOINT_TOLERANCE_RAD
+    width = 2 * layout.GRIPPER_FINGER_LIMITS_M[1]
+    robot_lo = np.r_[layout.WORKSPACE_LOW_M, [-angle] * 3, -tol_m, layout.ARM_JOINT_LOWER_RAD - tol_q, -1.0]
+    robot_hi = np.r_[layout.WORKSPACE_HIGH_M, [angle] * 3, width + tol_m, layout.ARM_JOINT_UPPER_RAD + tol_q, 1.0]
+    doors = (layout.SLIDER_RANGE_M, layout.DRAWER_RANGE_M, layout.BUTTON_RANGE_M, layout.SWITCH_RANGE_M)
+    block_lo = np.r_[layout.WORKSPACE_LOW_M[:2], layout.FLOOR_Z - 0.05, [-angle] * 3]
+    block_hi = np.r_[layout.WORKSPACE_HIGH_M, [angle] * 3]
+    n_blocks = len(layout.BLOCK_NAMES)
+    scene_lo = np.r_[[lo - tol_m for lo, _ in doors], 0.0, 0.0, np.tile(block_lo, n_blocks)]
+    scene_hi = np.r_[[hi + tol_m for _, hi in doors], 1.0, 1.0, np.tile(block_hi, n_blocks)]
+    return robot_lo, robot_hi, scene_lo, scene_hi
+
+
+ROBOT_OBS_LOW, ROBOT_OBS_HIGH, SCENE_OBS_LOW, SCENE_OBS_HIGH = _strict_bounds()
+
+
+def _validate_state_vector(values: Any, size: int, name: str, fields: tuple[str, ...], layout_hint: str,
+                           strict: bool, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    arr = _real_array(values, name, InvalidStateError, must=f"{size} numbers")
     if arr.shape != (size,):
         raise InvalidStateError(f"{name} must have shape ({size},) [{layout_hint}], got shape {arr.shape}")
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
-        raise InvalidStateError(f"{name} has non-finite values (NaN or inf) at indices {bad.tolist()}")
+        where = ", ".join(f"{name}[{i}] ({fields[i]}) = {arr[i]}" for i in bad)
+        raise InvalidStateError(f"{name} has non-finite values (NaN or inf) at indices {bad.tolist()}: {where}")
+    if strict:
+        out = np.flatnonzero((arr < low) | (arr > high))
+        if out.size:
+            where = "; ".join(f"{name}[{i}] ({fields[i]}) = {arr[i]:.6g} is outside [{low[i]:.6g}, {high[i]:.6g}]"
+                              for i in out)
+            raise InvalidStateError(
+                f"strict reset: {name} describes a state the world cannot be in: {where} (ranges: the Panda's "
+                f"joint limits +-{STRICT_JOINT_TOLERANCE_RAD} rad, door travel +-{STRICT_LENGTH_TOLERANCE_M} m, "
+                f"the workspace, |angle| <= 4 pi); reset with strict=False to teleport there anyway"
+            )
     return arr
 
 
-def validate_state_obs(robot_obs: Any = None, scene_obs: Any = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+def validate_state_obs(robot_obs: Any = None, scene_obs: Any = None, *,
+                       strict: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Check the ``robot_obs`` (15) and ``scene_obs`` (24) given to ``reset``; return float64 copies.
 
-    ``None`` passes through as ``None`` (the env's default pose / scene). Raises :class:`InvalidStateError` for a
-    wrong shape, a NaN/inf, or a light state (``scene_obs[4]`` lightbulb, ``scene_obs[5]`` led) other than 0 or 1.
-    Poses and joint values are not range-checked: any state calvin_env can teleport to is allowed.
+    ``None`` passes through as ``None`` (the env's default pose / scene). Always raises :class:`InvalidStateError`
+    (a ``ValueError``) for a wrong shape, values that are not real numbers, a NaN/inf (naming the field and index,
+    e.g. ``scene_obs[1] (drawer)``), or a light state (``scene_obs[4]`` lightbulb, ``scene_obs[5]`` led) other
+    than 0 or 1.
+
+    ``strict=False`` (the default, as calvin_env) range-checks nothing else: any state calvin_env can teleport to
+    is allowed. ``strict=True`` also refuses states the world cannot be in, naming each value out of range: arm
+    joints beyond the Panda's limits (+-0.05 rad), gripper width outside [0, 0.08] m, a gripper action other than
+    exactly -1/+1, slider/drawer/button/switch beyond their travel (+-1 cm), block or tcp positions outside the
+    workspace (blocks not below the floor), euler angles beyond 4 pi. The tolerances let every measured state pass.
 
     Example::
 
         robot_obs, scene_obs = validate_state_obs(layout.NEUTRAL_ROBOT_OBS, np.zeros(24))
+        validate_state_obs(scene_obs=np.r_[0, 5.0, np.zeros(22)], strict=True)   # InvalidStateError: drawer
     """
     if robot_obs is not None:
         robot_obs = _validate_state_vector(
-            robot_obs, layout.ROBOT_OBS_DIM, "robot_obs",
+            robot_obs, layout.ROBOT_OBS_DIM, "robot_obs", layout.ROBOT_OBS_FIELDS,
             "tcp pos 3, tcp euler 3, gripper width 1, arm joints 7, gripper action 1",
+            strict, ROBOT_OBS_LOW, ROBOT_OBS_HIGH,
         )
+        if strict and robot_obs[-1] not in (-1.0, 1.0):
+            raise InvalidStateError(
+                f"strict reset: robot_obs[14] (gripper_action) must be exactly -1 (closed) or +1 (open), "
+                f"got {robot_obs[-1]!r}"
+            )
     if scene_obs is not None:
         scene_obs = _validate_state_vector(
-            scene_obs, layout.SCENE_OBS_DIM, "scene_obs",
+            scene_obs, layout.SCENE_OBS_DIM, "scene_obs", layout.SCENE_OBS_FIELDS,
             "slider, drawer, button, switch, lightbulb, led, then x y z roll pitch yaw of the red, blue, pink blocks",
+            strict, SCENE_OBS_LOW, SCENE_OBS_HIGH,
         )
         # calvin_env's Light.reset raises on anything but 0/1, and only after the doors were already moved:
         # refuse it here, before any part of the scene changes.

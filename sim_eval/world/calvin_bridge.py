@@ -324,13 +324,15 @@ class CalvinEnv:
             raise RuntimeError("this CalvinEnv is closed")
         return self._env
 
-    def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None) -> dict:
+    def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None, *,
+              strict: bool = False) -> dict:
         """Teleport to ``robot_obs`` (15) / ``scene_obs`` (24); ``None`` = calvin's default pose / random scene.
 
-        Both are validated first (shape, finiteness, lights exactly 0/1); a bad one raises
-        ``InvalidStateError`` and nothing is changed. Returns the observation dict.
+        Both are validated first (shape, real numbers, finiteness, lights exactly 0/1; with ``strict=True`` also
+        the ranges of ``validate_state_obs``); a bad one raises ``InvalidStateError`` and nothing is changed.
+        Returns the observation dict.
         """
-        robot_obs, scene_obs = validate_state_obs(robot_obs, scene_obs)
+        robot_obs, scene_obs = validate_state_obs(robot_obs, scene_obs, strict=strict)
         return self.sim.reset(robot_obs=robot_obs, scene_obs=scene_obs)
 
     def step(self, action) -> tuple[dict, int, bool, dict]:

@@ -45,12 +45,31 @@ NEUTRAL_ROBOT_OBS = np.array(
     ]
 )
 
+# Workspace: every absolute position the world accepts (absolute tcp targets; block positions in a strict reset).
+# A generous box around the Panda's reach: the shoulder (base + 0.333 m) is at (-0.34, -0.46, 0.57) and the tcp
+# reaches at most ~1.1 m from it, so |x|, |y| <= 2 m and z in [-0.5, 2] m hold every pose the arm can take, with
+# room to spare. Targets beyond it are never meant (a pybullet IK target near 1e308 loops forever in C, issue 10).
+WORKSPACE_LOW_M = np.array([-2.0, -2.0, -0.5])
+WORKSPACE_HIGH_M = np.array([2.0, 2.0, 2.0])
+# Euler angles (absolute targets, observations): calvin accumulates relative rotations without wrapping, so an
+# absolute target may leave [-pi, pi]; two full turns either way is far more than any real controller sends.
+MAX_ABS_ANGLE_RAD = 4 * np.pi
+# joint_abs targets and joint_rel deltas: one full turn. The Panda's joints span at most 5.8 rad and the env clips
+# every joint target to the limits, so anything larger is a unit or scaling bug, not a command.
+MAX_JOINT_ACTION_RAD = 2 * np.pi
+FLOOR_Z = 0.0  # the invisible ground plane
+
+ROBOT_OBS_FIELDS = ("tcp_x", "tcp_y", "tcp_z", "tcp_roll", "tcp_pitch", "tcp_yaw", "gripper_width",
+                    *(f"joint_{i}" for i in range(1, 8)), "gripper_action")
+
 # ---------------------------------------------------------------------------------------------------------------
 # scene_obs layout (24)
 SCENE_OBS_DIM = 24
 SLIDER_IDX, DRAWER_IDX, BUTTON_IDX, SWITCH_IDX, LIGHTBULB_IDX, LED_IDX = range(6)
 BLOCK_NAMES = ("block_red", "block_blue", "block_pink")  # scene D order
 BLOCK_OBS_SLICES = {name: slice(6 + 6 * i, 12 + 6 * i) for i, name in enumerate(BLOCK_NAMES)}
+SCENE_OBS_FIELDS = ("slider", "drawer", "button", "switch", "lightbulb", "led",
+                    *(f"{name}_{c}" for name in BLOCK_NAMES for c in ("x", "y", "z", "roll", "pitch", "yaw")))
 
 # Articulations: joint name -> (range in metres). Door values: slider 0 = right, 0.28 = left; drawer 0 = closed.
 SLIDER_RANGE_M = (0.0, 0.28)

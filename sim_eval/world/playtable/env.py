@@ -32,7 +32,13 @@ class PlayTableEnv:
     """The playtable in one pybullet DIRECT client (many can live in one process)."""
 
     def __init__(self, static_size: int = 200, gripper_size: int = 84, cameras=CAMERA_NAMES, seed: int = 0,
-                 variation: SceneVariation | None = None, urdf_cache_dir: str | None = None):
+                 variation: SceneVariation | None = None, urdf_cache_dir: str | None = None,
+                 strict_reset: bool = False):
+        """``strict_reset=True`` makes every :meth:`reset` refuse states the world cannot be in (joints beyond the
+        Panda's limits, doors beyond their travel, blocks outside the workspace; see
+        ``action_validation.validate_state_obs``). Off by default, as calvin_env, which teleports anywhere; a wrong
+        length, NaN/inf or a light other than 0/1 is refused in both modes. ``urdf_cache_dir``: where the generated
+        URDFs go (default: a private per-user folder in the temp dir); their content is checked on every reset."""
         unknown = set(cameras) - set(CAMERA_NAMES)
         if unknown:
             raise ValueError(f"unknown camera(s) {sorted(unknown)}; choose from {list(CAMERA_NAMES)}")
@@ -41,8 +47,10 @@ class PlayTableEnv:
                 raise ValueError(f"{name} must be in [8, 1024] pixels, got {size}")
         self.variation = variation or SceneVariation()
         self.rng = np.random.default_rng(seed)
+        self.strict_reset = bool(strict_reset)
         self.cid = p.connect(p.DIRECT)
-        self._urdf_paths = write_urdfs(urdf_cache_dir)
+        self._urdf_cache_dir = urdf_cache_dir
+        self._urdf_paths: dict = {}  # written (and re-checked) by every _build_world
         self._build_world()
         self.cameras = {}
         if "static" in cameras:
@@ -58,6 +66,8 @@ class PlayTableEnv:
         collision-pair caches that neither teleporting nor restoreState clears, and they shift trajectories by
         ~1e-4 m depending on what ran before, so only a rebuilt world makes "same reset + same actions = same
         trajectory" hold (exact resume of data collection and evaluation rely on it)."""
+        # Re-check the cached URDFs' content (and rewrite any that changed or vanished) before bullet reads them.
+        self._urdf_paths = write_urdfs(self._urdf_cache_dir)
         p.resetSimulation(physicsClientId=self.cid)
         p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=self.cid)
         p.setTimeStep(1.0 / layout.PHYSICS_HZ, physicsClientId=self.cid)
@@ -66,11 +76,17 @@ class PlayTableEnv:
         self.scene = PlayTableScene(self.cid, self._urdf_paths, self.variation)
 
     # ------------------------------------------------------------------------------------------------ API
-    def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None) -> dict:
-        """Teleport robot and scene; ``None`` means the neutral pose / a random scene (calvin's reset())."""
-        robot_obs = layout.NEUTRAL_ROBOT_OBS if robot_obs is None else robot_obs
+    def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None, *,
+              strict: bool | None = None) -> dict:
+        """Teleport robot and scene; ``None`` means the neutral pose / a random scene (calvin's reset()).
+
+        A bad state raises ``InvalidStateError`` (a ``ValueError`` naming the field and index) and changes nothing,
+        not even the random stream. ``strict`` overrides the env's ``strict_reset`` for this call."""
+        strict = self.strict_reset if strict is None else bool(strict)
+        # Validate what was given before drawing a random scene, so a refused reset leaves self.rng untouched.
+        robot_obs, scene_obs = validate_state_obs(robot_obs, scene_obs, strict=strict)
+        robot_obs = layout.NEUTRAL_ROBOT_OBS.copy() if robot_obs is None else robot_obs
         scene_obs = self.sample_scene_obs() if scene_obs is None else scene_obs
-        robot_obs, scene_obs = validate_state_obs(robot_obs, scene_obs)
         self._build_world()
         self.scene.reset(scene_obs, self.rng)
         self.robot.reset(robot_obs)

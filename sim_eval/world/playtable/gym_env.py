@@ -55,9 +55,16 @@ class PlayTableGymEnv(gym.Env):
         return self._flatten(obs), self.sim.get_info()
 
     def step(self, action):
-        action = np.asarray(action, dtype=np.float64).copy()
-        if action.shape == (7,) and np.isfinite(action[6]):
-            action[6] = 1.0 if action[6] >= 0 else -1.0
+        try:
+            raw = np.asarray(action)
+        except (TypeError, ValueError):  # ragged: the env's validation names the problem
+            raw = None
+        # Only real numbers are thresholded; strings, complex or bool values go on unconverted, so the env's
+        # validation refuses them (np.asarray(..., dtype=float) would turn "0.1" or 1+0j into a number).
+        if raw is not None and raw.dtype.kind in "fiu" and raw.shape == (7,):
+            action = raw.astype(np.float64)  # a copy
+            if np.isfinite(action[6]):
+                action[6] = 1.0 if action[6] >= 0 else -1.0
         obs, reward, done, info = self.sim.step(action)
         return self._flatten(obs), float(reward), False, False, info
 

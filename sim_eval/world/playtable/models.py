@@ -15,10 +15,16 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import getpass
 import hashlib
 import os
+import stat
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from pathlib import Path
 
 import numpy as np
@@ -240,18 +246,82 @@ def robot_urdf() -> str:
     return head + tail
 
 
-def write_urdfs(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Write the generated URDFs (content-addressed, so concurrent workers never see half-written files)."""
-    root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "ghil_playtable_urdf"
-    root.mkdir(parents=True, exist_ok=True)
+@functools.lru_cache(maxsize=1)
+def urdf_texts() -> Mapping[str, bytes]:
+    """Every generated URDF by body name, as the bytes written to disk (deterministic; built once per process)."""
     texts = {"table": table_urdf(), "robot": robot_urdf(), **{n: block_urdf(n) for n in layout.BLOCK_NAMES}}
+    return MappingProxyType({name: text.encode() for name, text in texts.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def _file_name(name: str) -> str:
+    return f"{name}_{hashlib.sha256(urdf_texts()[name]).hexdigest()[:16]}.urdf"
+
+
+def default_cache_dir() -> Path:
+    """A private per-user folder in the temp dir (mode 0700, owned by this user), created when missing.
+
+    The temp dir is shared: a folder there that another user created, that is a symlink, or that others may write
+    to, could be swapped under us between our check of a file and bullet's read of it. Such a folder is not used;
+    a fresh private one (``tempfile.mkdtemp``) is, for this process.
+    """
+    user = str(os.getuid()) if hasattr(os, "getuid") else getpass.getuser()
+    root = Path(tempfile.gettempdir()) / f"ghil_playtable_urdf-{user}"
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(root)
+        if stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid()):
+            if st.st_mode & 0o077:
+                os.chmod(root, 0o700)  # ours but open to others (an old umask): close it
+            return root
+    except OSError:
+        pass
+    global _FALLBACK_DIR
+    if _FALLBACK_DIR is None:
+        _FALLBACK_DIR = Path(tempfile.mkdtemp(prefix="ghil_playtable_urdf-"))
+    return _FALLBACK_DIR
+
+
+_FALLBACK_DIR: Path | None = None
+
+
+def _matches(path: Path, expected: bytes) -> bool:
+    """The file at ``path`` is a regular file (not a symlink) holding exactly ``expected``."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        return path.read_bytes() == expected
+    except OSError:
+        return False
+
+
+def write_urdfs(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write the generated URDFs and return their paths; a cached file is used only if its content is exactly ours.
+
+    Files are content-addressed (``<body>_<sha256 prefix>.urdf``) and written atomically (temp file + rename), so
+    concurrent workers never see half-written files. An existing file with that name is compared byte for byte
+    with the generated text, on every call (the env calls this on every reset, just before bullet reads them): a
+    planted, edited, truncated or symlinked file is replaced, and if the replacement does not read back as
+    written, ``RuntimeError`` is raised rather than loading a world we did not build.
+    """
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, text in texts.items():
-        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
-        path = root / f"{name}_{digest}.urdf"
-        if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+    for name, data in urdf_texts().items():
+        path = root / _file_name(name)
+        if not _matches(path, data):
+            fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}_", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            if not _matches(path, data):
+                raise RuntimeError(f"the URDF cache file {path} does not hold what was just written to it: "
+                                   f"something else writes to {root}; pass another urdf_cache_dir")
         paths[name] = path
     return paths
