@@ -1,7 +1,8 @@
 """The `ghil` console entry point: `ghil <command> [hydra overrides ...]`.
 
-Each command is a Hydra application whose primary config is ``configs/<command>.yaml``, so every setting can be
-overridden on the command line and multirun (``-m``) works unchanged::
+Each command is a Hydra application whose primary config is ``ghil/configs/<command>.yaml`` (found through the
+installed package, so it runs from any folder), so every setting can be overridden on the command line and multirun
+(``-m``) works unchanged::
 
     ghil demo                                   # scripted expert rollout -> outputs/demo/*.mp4
     ghil collect env=playtable collect.episodes=200 collect.workers=2
@@ -9,6 +10,10 @@ overridden on the command line and multirun (``-m``) works unchanged::
     ghil eval agent=expert eval.n_chains=100    # CALVIN evaluation (first 100 official chains)
     ghil eval merge outputs/eval/<run> out=outputs/eval/<run>/merged    # merge shards (plain argparse)
     ghil train policy=dit_small sampler=shortcut data.root=data/playtable_play    # resumes when re-run
+
+A command whose module needs a missing optional dependency (torch for ``ghil train``) stops with one line naming
+the extra to install (``ghil.extras``), not a traceback. ``EXAMPLES`` are the command lines ``ghil --help`` shows;
+a test composes each of them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from ghil.extras import check_config, missing_extra
 from ghil.paths import CONFIG_DIR
 
 # command -> "module:function" taking the composed DictConfig; imported lazily so `ghil --help` stays fast.
@@ -35,17 +41,60 @@ SUBCOMMANDS = {
 }
 
 
+# What `ghil --help` shows (tests/test_install.py composes every one of them).
+EXAMPLES = (
+    "ghil demo eval.n_chains=2",
+    "ghil collect collect.episodes=10 env.static_size=128 env.gripper_size=64",
+    "ghil eval agent=oracle_subgoal_policy agent.n_steps=1 eval.n_chains=10 eval.workers=2",
+    "ghil train policy=dit_small sampler=shortcut data.root=data/play run_name=dit_small",
+)
+
+
 def _usage() -> str:
     lines = ["usage: ghil <command> [hydra overrides ...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += [f"  {' '.join(name):<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "Overrides use Hydra syntax, e.g. `ghil collect collect.episodes=10 env.camera.static_size=128`."]
+    lines += ["", "Overrides use Hydra syntax (`--cfg job` prints the resolved config, `-m` sweeps), e.g.:"]
+    lines += [f"  {example}" for example in EXAMPLES]
     return "\n".join(lines)
 
 
-def _load(target: str):
+def _load(target: str, command: str):
+    """The command's function; SystemExit with one line when its module needs a missing optional dependency."""
     module_name, func_name = target.split(":")
-    return getattr(importlib.import_module(module_name), func_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        message = missing_extra(exc, f"ghil {command}")
+        if message is None:
+            raise
+        raise SystemExit(message) from None
+    return getattr(module, func_name)
+
+
+# Hydra flags after which nothing runs (so nothing to check) or that change what is composed.
+_NO_RUN_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc",
+                 "--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--package", "-p"}
+
+
+def _check_extras_first(command: str, overrides: list[str]) -> None:
+    """Compose the command's config and check its ``_target_`` imports (``ghil.extras``) before Hydra runs the
+    job, because Hydra makes the job's folder (``hydra.run.dir``, inside the output folder) before the command's own
+    check can run. Skipped where composing here cannot stand for what Hydra will run (sweeps, flags); the command's
+    own check then still reports the same line."""
+    from hydra import compose, initialize_config_dir
+
+    if any(arg in _NO_RUN_FLAGS for arg in overrides):
+        return
+    plain = [arg for arg in overrides if arg not in {"-m", "--multirun"}]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=command, overrides=plain, return_hydra_config=True)
+    except Exception:  # sweeps, bad overrides: Hydra reports those itself
+        return
+    choices = dict(cfg.hydra.runtime.choices)
+    del cfg.hydra
+    check_config(cfg, f"ghil {command}", choices)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,15 +104,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, overrides = argv[0], argv[1:]
     if overrides and (command, overrides[0]) in SUBCOMMANDS:
-        _load(SUBCOMMANDS[(command, overrides[0])][0])(overrides[1:])
+        _load(SUBCOMMANDS[(command, overrides[0])][0], command)(overrides[1:])
         return
     if command not in COMMANDS:
         sys.exit(f"ghil: unknown command {command!r}\n\n{_usage()}")
-    func = _load(COMMANDS[command][0])
+    func = _load(COMMANDS[command][0], command)
+    _check_extras_first(command, overrides)
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=command)
     def _app(cfg: DictConfig) -> None:
-        func(cfg)
+        try:
+            func(cfg)
+        except ImportError as exc:  # an optional dependency imported late (the config check catches most first)
+            message = missing_extra(exc, f"ghil {command}")
+            if message is None:
+                raise
+            raise SystemExit(message) from None
 
     # Hydra reads sys.argv; present it the overrides as if `python -m <command>` had been run.
     sys.argv = [f"ghil {command}", *overrides]

@@ -172,6 +172,7 @@ def roll_episodes(todo: list[int], env_cfg: dict, settings: CollectSettings, wor
 
 
 def run(cfg: DictConfig) -> None:
+    __import__("ghil.extras").extras.check_config(cfg)  # a missing optional dependency: one line, before any folder
     c = cfg.collect
     if int(c.episodes) < 1:
         raise ValueError(f"collect.episodes must be >= 1, got {c.episodes}")

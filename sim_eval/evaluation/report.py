@@ -1,5 +1,7 @@
 """Human-readable evaluation output: the console table, ``report.md`` and its two SVG figures (per-task success
-bars, SR@1..5 curve). SVG is written by hand, so reports need no plotting library and no network assets.
+bars, SR@1..5 curve with each published reference in its own colour and dash). SVG is written by hand, so reports
+need no plotting library and no network assets; text is laid out with a generous width estimate (``text_width``)
+so that labels stay inside the figure.
 
 Usage::
 
@@ -65,10 +67,44 @@ def per_task_svg(per_task: dict[str, TaskCount]) -> str:
     return "\n".join(out)
 
 
+# Reference curves: each its own colour and dash, so they can be told apart from each other and from this run.
+REFERENCE_STYLES = (("#ef6c00", "6 3"), ("#6a1b9a", "2 2"), ("#2e7d32", "8 3 2 3"), ("#757575", "4 4"))
+RUN_STYLE = ("#1565c0", None)
+CHAR_EM = 0.6  # a generous average glyph width of sans-serif text, in em (no font metrics in a hand-written SVG)
+
+
+def text_width(text: str, font_size: float) -> float:
+    """Estimated rendered width of ``text`` in px (CHAR_EM per character: wider than most sans-serif text)."""
+    return len(text) * font_size * CHAR_EM
+
+
+def wrap_label(text: str, width_px: float, font_size: float, max_lines: int = 2) -> list[str]:
+    """``text`` broken at spaces into at most ``max_lines`` lines of estimated width <= ``width_px``; a word too
+    long for a line is cut, and text past the last line ends in "...". """
+    per_line = max(int(width_px // (font_size * CHAR_EM)), 4)
+    lines: list[str] = []
+    for word in text.split():
+        while len(word) > per_line:  # a word longer than a line: cut it
+            lines.append(word[:per_line])
+            word = word[per_line:]
+        if lines and len(lines[-1]) + 1 + len(word) <= per_line:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        lines = lines[:max_lines - 1] + [(last[: per_line - 3] if len(last) > per_line - 3 else last) + "..."]
+    return lines or [""]
+
+
 def sr_curve_svg(success_rates: tuple[float, ...], label: str, references=PUBLISHED_ABC_D) -> str:
-    """SR@1..5 as a line (this run, bold) over published ABC->D curves (thin, grey, for context only)."""
-    w, h, left, right, top, bottom = 520, 300, 48, 190, 28, 36
+    """SR@1..5 as a line (this run, bold, solid) over published ABC->D curves (thin, each its own colour and dash,
+    for context only), with a legend right of the plot whose labels wrap to stay inside the figure."""
+    w, h, left, right, top, bottom = 560, 300, 48, 210, 28, 36
     pw, ph = w - left - right, h - top - bottom
+    legend_x, legend_font = w - right + 12, 10
+    label_x = legend_x + 22
+    label_w = w - 6 - label_x
 
     def xy(i: int, rate: float) -> tuple[float, float]:
         return left + pw * i / 4, top + ph * (1 - rate)
@@ -81,17 +117,23 @@ def sr_curve_svg(success_rates: tuple[float, ...], label: str, references=PUBLIS
     for i in range(5):
         x, _ = xy(i, 0)
         out.append(f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="10" text-anchor="middle">SR@{i + 1}</text>')
-    curves = [(name, rates, "#9e9e9e", 1) for name, rates, _ in references] + [(label, success_rates, "#1565c0", 3)]
-    for k, (name, rates, colour, width) in enumerate(curves):
+    curves = [(name, rates, *REFERENCE_STYLES[k % len(REFERENCE_STYLES)], 1.5)
+              for k, (name, rates, _) in enumerate(references)]
+    curves.append((label, success_rates, *RUN_STYLE, 3))
+    ly = top + 4
+    for name, rates, colour, dash, width in curves:
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, r) for i, r in enumerate(rates)))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="{width}"/>')
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="{width}"{dash_attr}/>')
         for i, r in enumerate(rates):
             x, y = xy(i, r)
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{width + 1}" fill="{colour}"/>')
-        ly = top + 14 * k
-        out.append(f'<line x1="{w - right + 10}" y1="{ly}" x2="{w - right + 26}" y2="{ly}" stroke="{colour}" '
-                   f'stroke-width="{width}"/>')
-        out.append(f'<text x="{w - right + 30}" y="{ly + 4}" font-size="10">{escape(name[:30])}</text>')
+        out.append(f'<line x1="{legend_x}" y1="{ly}" x2="{legend_x + 18}" y2="{ly}" stroke="{colour}" '
+                   f'stroke-width="{width}"{dash_attr}/>')
+        for line in wrap_label(name, label_w, legend_font):
+            out.append(f'<text x="{label_x}" y="{ly + 4}" font-size="{legend_font}">{escape(line)}</text>')
+            ly += 13
+        ly += 7
     out.append("</svg>")
     return "\n".join(out)
 
