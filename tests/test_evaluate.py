@@ -380,7 +380,9 @@ def test_fresh_env_per_chain_rebuilds_the_env_and_is_fingerprinted(tmp_path, mon
         self._make_env = lambda: built.append(1) or make()
 
     monkeypatch.setattr(evaluate.ChainRunner, "__init__", counting_init)
-    fresh = run(tmp_path / "fresh", *FAST, "eval.n_chains=3", "eval.fresh_env_per_chain=true")
+    # In this process (no watchdog), where the patched runner counts; the watchdog runs chains in worker processes.
+    fresh = run(tmp_path / "fresh", *FAST, "eval.n_chains=3", "eval.fresh_env_per_chain=true",
+                "eval.step_timeout_s=null")
     assert len(built) == 2  # chains 1 and 2 get a new env; chain 0 uses the one built at start
     kept = run(tmp_path / "kept", *FAST, "eval.n_chains=3")
     assert outcomes(fresh.records) == outcomes(kept.records)  # the playtable resets history-free anyway

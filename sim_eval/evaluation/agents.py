@@ -88,13 +88,16 @@ class FaultyAgent:
     ``at_reset`` (0-based, counted over the agent's lifetime, i.e. over the chains one worker runs).
 
     Faults: ``non_finite`` (a NaN in the action), ``wrong_length`` (6 values), ``bad_gripper`` (gripper 0.5),
-    ``raise`` (an ``AgentFault`` exception).
+    ``raise`` (an ``AgentFault`` exception). ``every_step=True`` injects it at every step instead (a misconfigured
+    agent that can never act).
     """
 
-    def __init__(self, inner: CalvinAgent, fault: str = "non_finite", at_reset: int = 0, at_step: int = 0) -> None:
+    def __init__(self, inner: CalvinAgent, fault: str = "non_finite", at_reset: int = 0, at_step: int = 0,
+                 every_step: bool = False) -> None:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}")
         self.inner, self.fault, self.at_reset, self.at_step = inner, fault, int(at_reset), int(at_step)
+        self.every_step = bool(every_step)
         self._n_resets = -1
         self._n_steps = 0
 
@@ -105,11 +108,13 @@ class FaultyAgent:
 
     def step(self, obs: dict, instruction: str):
         action = np.array(self.inner.step(obs, instruction), dtype=np.float64)
-        fire = self._n_resets == self.at_reset and self._n_steps == self.at_step
+        fire = self.every_step or (self._n_resets == self.at_reset and self._n_steps == self.at_step)
         self._n_steps += 1
         if not fire:
             return action
         if self.fault == "raise":
+            if self.every_step:
+                raise AgentFault("injected agent failure at every step")
             raise AgentFault(f"injected agent failure at reset {self.at_reset}, step {self.at_step}")
         if self.fault == "non_finite":
             action[0] = np.nan

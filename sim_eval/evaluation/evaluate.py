@@ -14,25 +14,34 @@ Run folder (``eval.out_dir``, or ``<out_dir>/shard_KKK-of-NNN`` for a shard):
   before the first chain; a later run into the same folder resumes only if its fingerprint matches.
 * ``chains.jsonl``: one ``ChainRecord`` per finished chain, appended and fsynced as each finishes (a torn last
   line from a kill is dropped on resume, so no chain is lost or counted twice).
-* ``status.json``: ``running`` / ``complete`` / ``failed`` (with the error).
+* ``status.json``: ``running`` / ``complete`` / ``failed`` (with the error) / ``interrupted`` (Ctrl-C or SIGTERM).
 * ``results.json``, ``report.md``, ``per_task.svg``, ``sr_curve.svg``, ``videos/chain_NNNN.mp4``.
 
 Chains are independent: each is seeded from ``(eval.seed, chain index)`` and starts with an env reset, so a
 chain's record never depends on the worker count, the shard or what ran before it.
+
+With the watchdog (``eval.step_timeout_s``, default 60 s) chains run in supervised worker processes, also for
+``eval.workers=1``: a step that does not return in time is recorded as failure ``stuck`` and its worker killed and
+replaced (see "worker processes" below).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
-import shutil
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
@@ -44,15 +53,22 @@ from ghil.interfaces import CalvinAgent
 from sim_eval.protocol.chains import NUM_OFFICIAL_CHAINS, load_official_chains
 from sim_eval.protocol.instructions import MODES
 from sim_eval.evaluation.metrics import EvalMetrics, summarize
-from sim_eval.evaluation.records import ChainRecord, RecordError
+from sim_eval.evaluation.records import (FAILURE_AGENT_ERROR, FAILURE_STUCK, ChainRecord, RecordError,
+                                         SubtaskRecord)
 from sim_eval.evaluation.report import console_table, write_report
-from sim_eval.evaluation.rollout import EP_LEN, Chain, chain_seed, run_chain
+from sim_eval.evaluation.rollout import EP_LEN, Chain, chain_seed, instructions_for, run_chain
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 RUN_FILE, CHAINS_FILE, STATUS_FILE = "run.json", "chains.jsonl", "status.json"
 RESULTS_FILE, LOCK_FILE = "results.json", ".lock"
+# Everything ghil eval writes in a run folder: eval.overwrite deletes these names and nothing else.
+GHIL_FILES = (RUN_FILE, CHAINS_FILE, STATUS_FILE, RESULTS_FILE, "report.md", "per_task.svg", "sr_curve.svg")
+VIDEO_NAME = re.compile(r"chain_\d{4}(\.partial)?\.mp4")
+# A run stops as misconfigured when its first min(MISCONFIGURED_CHAINS, chains in the folder) chains all failed
+# their first subtask with the same agent error.
+MISCONFIGURED_CHAINS = 3
 
 
 class EvaluationError(RuntimeError):
@@ -61,6 +77,14 @@ class EvaluationError(RuntimeError):
 
 class ConfigMismatchError(EvaluationError):
     """The results folder was made with a different configuration (resuming would mix two experiments)."""
+
+
+class AgentMisconfiguredError(EvaluationError):
+    """The first chains all failed at once with the same agent error: the agent cannot act in this setup."""
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: workers stopped, ``status.json: interrupted``, a non-zero exit."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,11 @@ class EvalSettings:
     # count and sharding; a fresh env makes each record a function of the chain alone (~0.5 s extra per chain).
     # The playtable already resets history-free, so it needs no rebuild.
     fresh_env_per_chain: bool = False
+    # Watchdog: a step (agent.step + env.step) or a subtask's reset that does not return within this many seconds is
+    # recorded as failure "stuck" and its worker process killed (pybullet can loop forever in C, where no signal
+    # reaches it); chains then run in supervised child processes, also with workers=1. null: no watchdog, and
+    # workers=1 runs the chains in this process.
+    step_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         def is_int(v) -> bool:
@@ -109,6 +138,10 @@ class EvalSettings:
             raise EvaluationError(f"eval.workers must be >= 1, got {self.workers}")
         if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
             raise EvaluationError(f"eval.threads must be null or an integer >= 1, got {self.threads!r}")
+        timeout = self.step_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < float("inf")):
+            raise EvaluationError(f"eval.step_timeout_s must be null or a number > 0 (seconds), got {timeout!r}")
         if not (1 <= self.n_shards <= self.n_chains and 0 <= self.shard < self.n_shards):
             raise EvaluationError(f"need 1 <= eval.n_shards <= n_chains ({self.n_chains}) and 0 <= eval.shard < "
                                   f"n_shards, got shard={self.shard}, n_shards={self.n_shards}")
@@ -146,9 +179,12 @@ class EvalSettings:
         return f"official[{self.chain_start}:{self.chain_start + self.n_chains}] of the official 1000"
 
     def protocol(self) -> dict:
-        """The settings that change results (fingerprinted); workers, sharding, videos and paths do not."""
+        """The settings that change results (fingerprinted); workers, sharding, videos, paths and the watchdog do
+        not. ``threads`` does: torch's thread count changes learned agents' actions in the 6th decimal, which a
+        rollout amplifies."""
         return {"n_chains": self.n_chains, "chain_start": self.chain_start, "mode": self.mode,
-                "ep_len": self.ep_len, "seed": self.seed, "fresh_env_per_chain": self.fresh_env_per_chain}
+                "ep_len": self.ep_len, "seed": self.seed, "fresh_env_per_chain": self.fresh_env_per_chain,
+                "threads": self.threads}
 
 
 @dataclass
@@ -172,14 +208,24 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 def fingerprint_of(config: dict, settings: EvalSettings) -> tuple[str, dict]:
     """A short hash of everything that determines the results: env, agent and the protocol settings."""
-    import hashlib
-
     missing = [k for k in ("env", "agent") if k not in config]
     if missing:
         raise EvaluationError(f"the config has no {missing} section; compose it with env=... agent=...")
     protocol = {"env": config["env"], "agent": config["agent"], "eval": settings.protocol()}
-    digest = hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return digest, protocol
+    return _digest(protocol), protocol
+
+
+def _digest(protocol: dict) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_run_meta(meta) -> bool:
+    """Whether ``meta`` (a parsed run.json) is one ghil eval wrote: its keys, and a fingerprint that is the hash of
+    its protocol (a file that merely parses, or whose fingerprint was edited, is not)."""
+    return (isinstance(meta, dict) and isinstance(meta.get("protocol"), dict)
+            and isinstance(meta.get("fingerprint"), str)
+            and {"format_version", "shard", "n_shards", "chain_indices", "config"} <= set(meta)
+            and _digest(meta["protocol"]) == meta["fingerprint"])
 
 
 def _choice_names(config: dict) -> dict:
@@ -198,10 +244,12 @@ def _choice_names(config: dict) -> dict:
 def _git_info() -> dict:
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        # --no-optional-locks: `git status` must not refresh the checkout's index (.git/index.lock) under a user's
+        # concurrent git commands
+        commit = subprocess.run(["git", "--no-optional-locks", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=root, capture_output=True, text=True, timeout=10).stdout.strip())
         return {"commit": commit, "dirty": dirty}
     except Exception:
         return {"commit": "unknown", "dirty": None}
@@ -289,11 +337,13 @@ class RunFolder:
     def start(self, meta: dict, overwrite: bool) -> list[ChainRecord]:
         """Prepare the folder for ``meta``'s run; return the chain records it already holds (resume)."""
         old = self.read_meta()
+        if old is not None and not _is_run_meta(old):
+            raise EvaluationError(
+                f"{self.path / RUN_FILE} is not the run.json of a ghil eval results folder (its keys, or a "
+                f"fingerprint that is the hash of its protocol, are missing); refusing to resume or to delete "
+                f"anything in {self.path}. Use another eval.out_dir.")
         if old is not None and overwrite:
-            for name in (RUN_FILE, CHAINS_FILE, STATUS_FILE, RESULTS_FILE, "report.md", "per_task.svg",
-                         "sr_curve.svg"):
-                (self.path / name).unlink(missing_ok=True)
-            shutil.rmtree(self.path / "videos", ignore_errors=True)
+            self._discard()
             old = None
         if old is None:
             if (self.path / CHAINS_FILE).exists():
@@ -318,6 +368,20 @@ class RunFolder:
                         old.get("git", {}).get("commit"), meta["git"]["commit"])
             _write_json_atomic(self.path / RUN_FILE, {**old, "git_history": [*history, meta["git"]]})
         return self.read_records(expected=meta["chain_indices"], repair=True)
+
+    def _discard(self) -> None:
+        """Delete the files ghil eval wrote here (``GHIL_FILES``, ``videos/chain_NNNN.mp4``), nothing else."""
+        videos = self.path / "videos"
+        if videos.is_symlink():
+            raise EvaluationError(f"{videos} is a link; refusing to delete in it (eval.overwrite=true)")
+        for name in GHIL_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        if videos.is_dir():
+            for item in videos.iterdir():
+                if VIDEO_NAME.fullmatch(item.name) and (item.is_symlink() or item.is_file()):
+                    item.unlink()
+            with contextlib.suppress(OSError):  # other files in it are not ghil's: kept, and so is the folder
+                videos.rmdir()
 
     # -- chain log
     def read_records(self, expected: list[int] | None = None, repair: bool = False) -> list[ChainRecord]:
@@ -430,7 +494,10 @@ class ChainRunner:
         self._official = load_official_chains()
         self._n_run = 0
 
-    def run(self, index: int) -> ChainRecord:
+    def run(self, index: int, heartbeat=None, on_subtask=None) -> ChainRecord:
+        """Run official chain ``index``; ``heartbeat`` and ``on_subtask`` go to ``run_chain`` (the watchdog's)."""
+        if heartbeat is not None:
+            heartbeat(0, -1)  # a rebuilt env counts as part of the chain's first reset
         if self.settings.fresh_env_per_chain and self._n_run > 0:
             self.close()
             self.env = self._make_env()
@@ -439,13 +506,14 @@ class ChainRunner:
         chain = Chain(index, state, tasks)
         seed = chain_seed(self.settings.seed, index)
         video = self._video_for(index)
-        record_errors = self.settings.agent_errors == "record"
+        hooks = {"record_agent_errors": self.settings.agent_errors == "record", "heartbeat": heartbeat,
+                 "on_subtask": on_subtask}
         if video is None:
             return run_chain(self.env, self.agent, self.oracle, chain, self.settings.mode, self.settings.ep_len, seed,
-                             record_agent_errors=record_errors)
+                             **hooks)
         try:
             record = run_chain(self.env, self.agent, self.oracle, chain, self.settings.mode, self.settings.ep_len,
-                               seed, frames=video, record_agent_errors=record_errors)
+                               seed, frames=video, **hooks)
         finally:
             video.close()
         os.replace(video.path, video.path.with_name(video.path.name.replace(".partial", "")))
@@ -462,61 +530,323 @@ class ChainRunner:
         (self.run_dir / "videos").mkdir(parents=True, exist_ok=True)
         return RolloutVideo(self.run_dir / "videos" / f"chain_{index:04d}.partial.mp4", fps=self.settings.video_fps)
 
+    @staticmethod
+    def torch_threads() -> int | None:
+        """torch's intra-op thread count in this process (None: torch is not loaded, no stage runs torch)."""
+        torch = sys.modules.get("torch")
+        return int(torch.get_num_threads()) if torch is not None else None
+
     def close(self) -> None:
         close = getattr(self.env, "close", None)
         if close:
             close()
 
 
-# Worker-process state: the job description arrives with the pool initializer (which must not fail: a failing
-# initializer makes multiprocessing respawn workers forever), the runner is built on the first chain.
-_WORKER_JOB: tuple | None = None
-_WORKER_RUNNER: ChainRunner | None = None
+# ---------------------------------------------------------------------------------------------- worker processes
+# With the watchdog on (eval.step_timeout_s) or several workers, chains run in spawned worker processes. Each builds
+# its env and agent once and runs the chains the parent sends it, one at a time. Before every step it writes a
+# heartbeat (chain, subtask, step, time) into shared memory, and it reports every finished subtask. The parent kills
+# (SIGKILL: pybullet's IK can loop in C, where no signal handler runs) a worker whose step has not returned within the
+# timeout, records that chain with its finished subtasks and a "stuck" one, and starts a fresh worker for the rest.
+_HB = 5  # heartbeat fields per worker: sequence (odd while written), chain (-1: idle), subtask, step, monotonic time
 
 
-def _worker_init(config: dict, settings: dict, run_dir: str) -> None:
-    global _WORKER_JOB
-    _WORKER_JOB = (config, EvalSettings(**settings), Path(run_dir))
-    logging.basicConfig(level=logging.WARNING)
+class _Heartbeat:
+    """One worker's slot in the shared heartbeat array: written by the worker, read by the parent (a seqlock, so a
+    read never mixes two writes). ``time.monotonic`` is one system-wide clock, comparable between processes."""
+
+    def __init__(self, array, slot: int) -> None:
+        self.array, self.base = array, slot * _HB
+
+    def write(self, chain: int, subtask: int, step: int) -> None:
+        a, b = self.array, self.base
+        a[b] += 1
+        a[b + 1], a[b + 2], a[b + 3], a[b + 4] = chain, subtask, step, time.monotonic()
+        a[b] += 1
+
+    def read(self) -> tuple[int, int, int, float] | None:
+        """``(chain, subtask, step, time)``; None while a write is under way (or was cut by a kill)."""
+        a, b = self.array, self.base
+        for _ in range(100):
+            seq = a[b]
+            values = (a[b + 1], a[b + 2], a[b + 3], a[b + 4])
+            if seq % 2 == 0 and a[b] == seq:
+                return int(values[0]), int(values[1]), int(values[2]), values[3]
+        return None
 
 
-def _worker_run(index: int) -> tuple[str, int, str]:
-    global _WORKER_RUNNER
-    try:
-        if _WORKER_RUNNER is None:
-            _WORKER_RUNNER = ChainRunner(*_WORKER_JOB)
-        return "ok", index, _WORKER_RUNNER.run(index).to_json()
-    except BaseException:  # reported to the parent, which stops the run; KeyboardInterrupt included
-        return "error", index, traceback.format_exc()
-
-
-def _run_chains(config: dict, settings: EvalSettings, folder: RunFolder, todo: list[int], on_record) -> None:
-    """Run ``todo`` (official indices) in ``settings.workers`` processes; ``on_record`` gets each finished record."""
-    if settings.workers == 1 or len(todo) == 1:
-        runner = ChainRunner(config, settings, folder.path)
-        try:
-            for index in todo:
-                try:
-                    record = runner.run(index)
-                except Exception as exc:
-                    raise EvaluationError(f"chain {index} failed: {type(exc).__name__}: {exc}") from exc
-                on_record(record)
-        finally:
-            runner.close()
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM while a worker starts: it inherits the mask and ignores both before it unblocks them
+    (so a Ctrl-C never kills a half-started worker with a traceback), and this process gets them right after."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
         return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _plain_start_method():
+    """A spawned worker re-applies this process's global start method. Under joblib's launcher that is "loky",
+    which a plain child cannot resolve (it dies at start): show "spawn" while a worker starts."""
+    current = multiprocessing.get_start_method(allow_none=True)
+    if current is None or current in multiprocessing.get_all_start_methods():
+        yield
+        return
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(current, force=True)
+
+
+def _detach_worker(parent_pid: int) -> None:
+    """In a worker: leave Ctrl-C and SIGTERM to the parent (which stops its workers), and die with the parent even
+    if it is killed (Linux: PR_SET_PDEATHSIG), so no worker outlives its run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before that
+        os._exit(1)
+
+
+def _worker_main(slot: int, conn, heartbeats, config: dict, settings: dict, run_dir: str, parent_pid: int) -> None:
+    """A worker process: build env and agent once, then run the chain indices the parent sends (None: stop).
+
+    Sends ``("subtask", index, SubtaskRecord fields)`` as each subtask ends, ``("done", index, record json, torch
+    threads)`` per chain, ``("error", index or None, summary, traceback)`` when it cannot go on."""
+    _detach_worker(parent_pid)
+    logging.basicConfig(level=logging.WARNING)
+    beat = _Heartbeat(heartbeats, slot)
+    try:
+        runner = ChainRunner(config, EvalSettings(**settings), Path(run_dir))
+    except BaseException as exc:
+        conn.send(("error", None, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        return
+    try:
+        while (index := conn.recv()) is not None:
+            try:
+                record = runner.run(index, heartbeat=lambda k, step: beat.write(index, k, step),  # noqa: B023
+                                    on_subtask=lambda k, sub: conn.send(("subtask", index, asdict(sub))))  # noqa: B023
+            except BaseException as exc:
+                beat.write(-1, 0, 0)
+                conn.send(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+                return
+            conn.send(("done", index, record.to_json(), runner.torch_threads()))
+            beat.write(-1, 0, 0)  # after the record: a kill in between never loses a finished chain
+    except (EOFError, OSError):  # the parent is gone
+        pass
+    finally:
+        runner.close()
+
+
+class _Worker:
+    """The parent's handle on one worker process and the chain it is running."""
+
+    def __init__(self, ctx, slot: int, heartbeats, job: tuple, started: list) -> None:
+        self.slot, self.heartbeat = slot, _Heartbeat(heartbeats, slot)
+        self.heartbeat.write(-1, 0, 0)
+        self.chain: int | None = None
+        self.subtasks: list[SubtaskRecord] = []  # the running chain's finished subtasks
+        self.t_chain = 0.0
+        self.stop_by: float | None = None  # set when told to stop: killed if still alive then
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(slot, child_conn, heartbeats, *job, os.getpid()),
+                                   name=f"ghil-eval-worker-{slot}")
+        with _signals_held(), _plain_start_method():
+            started.append(self)
+            self.process.start()
+        child_conn.close()
+
+    def assign(self, index: int) -> None:
+        self.chain, self.subtasks, self.t_chain = index, [], time.perf_counter()
+        self.conn.send(index)
+
+    def stop(self) -> None:
+        self.chain, self.stop_by = None, time.monotonic() + 30
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+
+    def kill(self) -> None:
+        if self.process.pid is not None:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(10)
+        self.conn.close()
+
+
+def _stuck_record(settings: EvalSettings, index: int, subtasks: list[SubtaskRecord], subtask: int, step: int,
+                  wall_s: float) -> ChainRecord:
+    """The record of a chain whose worker was killed in ``step`` (-1: the resets) of ``subtask`` (0-based)."""
+    state, tasks = load_official_chains()[index]
+    seed = chain_seed(settings.seed, index)
+    if len(subtasks) != subtask:
+        raise EvaluationError(f"chain {index}: its worker reported {len(subtasks)} finished subtasks but was stuck "
+                              f"in subtask {subtask + 1}")
+    instruction = instructions_for(Chain(index, state, tasks), settings.mode, seed)[subtask]
+    where = f"step {step} of subtask {subtask + 1} ({tasks[subtask]})" if step >= 0 else \
+        f"the reset before subtask {subtask + 1} ({tasks[subtask]})"
+    detail = f"{where} did not return within {settings.step_timeout_s:g} s; its worker process was killed"
+    stuck = SubtaskRecord(tasks[subtask], instruction, False, max(step, 0), FAILURE_STUCK, detail)
+    return ChainRecord(index, dict(state), tuple(tasks), (*subtasks, stuck), seed, round(wall_s, 3))
+
+
+def _run_in_workers(config: dict, settings: EvalSettings, folder: RunFolder, todo: list[int], on_record,
+                    threads_seen: set) -> None:
+    """Run ``todo`` in ``min(workers, len(todo))`` supervised worker processes (see the section's comment)."""
     ctx = multiprocessing.get_context("spawn")
     n_workers = min(settings.workers, len(todo))
-    with ctx.Pool(n_workers, initializer=_worker_init, initargs=(config, asdict(settings), str(folder.path))) as pool:
-        for status, index, payload in pool.imap_unordered(_worker_run, todo, chunksize=1):
-            if status == "error":
-                pool.terminate()
-                raise EvaluationError(f"chain {index} failed in a worker process:\n{payload}")
-            on_record(ChainRecord.from_json(payload))
+    heartbeats = ctx.RawArray("d", _HB * n_workers)
+    job = (config, asdict(settings), str(folder.path))
+    timeout = settings.step_timeout_s
+    poll = 0.2 if timeout is None else min(0.2, timeout / 5)
+    pending = deque(todo)
+    started: list[_Worker] = []  # every worker ever started: all are killed on the way out, whatever happens
+    live: dict[int, _Worker] = {}
 
+    def launch(slot: int) -> None:
+        live[slot] = _Worker(ctx, slot, heartbeats, job, started)
+        live[slot].assign(pending.popleft())
+
+    def handle(worker: _Worker, message: tuple) -> None:
+        kind, index = message[0], message[1]
+        if kind == "subtask":
+            worker.subtasks.append(SubtaskRecord(**message[2]))
+        elif kind == "done":
+            threads_seen.add(message[3])
+            worker.chain = None
+            on_record(ChainRecord.from_json(message[2]))
+        elif index is None:
+            raise EvaluationError(f"a worker process could not build the env and agent: {message[2]}\n{message[3]}")
+        else:
+            raise EvaluationError(f"chain {index} failed in a worker process: {message[2]}\n{message[3]}")
+
+    def kill_stuck(worker: _Worker, beat: tuple) -> None:
+        index, t_kill = worker.chain, time.perf_counter()
+        worker.process.kill()
+        worker.process.join(10)
+        after = worker.heartbeat.read()  # final: the worker is gone
+        if after is not None and after[0] == index:
+            beat = after
+        with contextlib.suppress(EOFError, OSError):  # what it sent before the kill: finished subtasks, maybe more
+            while worker.chain is not None and worker.conn.poll():
+                handle(worker, worker.conn.recv())
+        worker.kill()
+        del live[worker.slot]
+        if worker.chain is not None:  # (else its record arrived just before the kill)
+            record = _stuck_record(settings, index, worker.subtasks, beat[1], beat[2], t_kill - worker.t_chain)
+            log.warning("chain %d: %s (pid %d)", index, record.subtasks[-1].detail, worker.process.pid)
+            (folder.path / "videos" / f"chain_{index:04d}.partial.mp4").unlink(missing_ok=True)
+            on_record(record)
+        if pending:
+            launch(worker.slot)
+
+    try:
+        for slot in range(n_workers):
+            launch(slot)
+        while live:
+            ready = multiprocessing.connection.wait([w.conn for w in live.values()], timeout=poll)
+            for worker in [w for w in live.values() if w.conn in ready]:
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):
+                    worker.process.join(10)
+                    if worker.stop_by is None:
+                        what = f"while running chain {worker.chain}" if worker.chain is not None else "between chains"
+                        raise EvaluationError(f"a worker process died {what} (exit code {worker.process.exitcode}; "
+                                              "a crash in the simulator or the agent, or killed)") from None
+                    worker.kill()
+                    del live[worker.slot]
+                    continue
+                handle(worker, message)
+                if worker.chain is None and worker.stop_by is None:
+                    if pending:
+                        worker.assign(pending.popleft())
+                    else:
+                        worker.stop()
+            now = time.monotonic()
+            for worker in list(live.values()):
+                if worker.stop_by is not None and now > worker.stop_by:
+                    log.warning("a worker process did not exit after its last chain; killed it")
+                    worker.kill()
+                    del live[worker.slot]
+                elif timeout is not None and worker.chain is not None:
+                    beat = worker.heartbeat.read()
+                    if beat is not None and beat[0] == worker.chain and now - beat[3] > timeout:
+                        kill_stuck(worker, beat)
+    finally:
+        for worker in started:
+            worker.kill()
+
+
+def _run_chains(config: dict, settings: EvalSettings, folder: RunFolder, todo: list[int], on_record,
+                threads_seen: set) -> None:
+    """Run ``todo`` (official indices); ``on_record`` gets each finished record, ``threads_seen`` the torch thread
+    counts of the processes that ran them. In this process only without the watchdog and with one worker."""
+    if settings.step_timeout_s is not None or (settings.workers > 1 and len(todo) > 1):
+        _run_in_workers(config, settings, folder, todo, on_record, threads_seen)
+        return
+    runner = ChainRunner(config, settings, folder.path)
+    try:
+        for index in todo:
+            try:
+                record = runner.run(index)
+            except Exception as exc:
+                raise EvaluationError(f"chain {index} failed: {type(exc).__name__}: {exc}") from exc
+            threads_seen.add(runner.torch_threads())
+            on_record(record)
+    finally:
+        runner.close()
+
+
+def _check_misconfigured(records: list[ChainRecord], n_expected: int) -> None:
+    """Stop a run whose first chains (``MISCONFIGURED_CHAINS``, or all when fewer) all failed their first subtask
+    with one and the same agent error: the agent cannot act here, and an average length of 0 would say otherwise."""
+    if len(records) < min(MISCONFIGURED_CHAINS, n_expected):
+        return
+    firsts = [rec.subtasks[0] for rec in records]
+    if any(sub.failure != FAILURE_AGENT_ERROR for sub in firsts) or len({sub.detail for sub in firsts}) != 1:
+        return
+    which = f"the first {len(records)} chains" if len(records) > 1 else "the only chain"
+    raise AgentMisconfiguredError(
+        f"the agent is misconfigured: {which} all failed at subtask 1 with the same agent error, {firsts[0].detail} "
+        f"(at step {firsts[0].n_steps}), so every chain would; stopped instead of reporting an average length of 0. "
+        "Fix the agent's configuration (e.g. a checkpoint whose stages or camera sizes do not fit this agent or "
+        "env; the traceback is in the log), then rerun with eval.overwrite=true.")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a run is in progress, SIGTERM raises ``EvaluationInterrupted`` (handled like Ctrl-C)."""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the cleanup finish
+        raise EvaluationInterrupted(f"terminated by {signal.Signals(signum).name}")
+
+    try:
+        previous, installed = signal.signal(signal.SIGTERM, handler), True
+    except ValueError:  # not the main thread: no signal handling here
+        previous, installed = None, False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 # ---------------------------------------------------------------------------------------------- entry points
 def run(cfg: DictConfig) -> EvalResult:
     """``ghil eval``: evaluate (or resume) one run folder and write its results and report."""
+    __import__("ghil.extras").extras.check_config(cfg)  # a missing optional dependency: one line, before any folder
     settings = EvalSettings.from_config(cfg.eval)
     config = resolved_config(cfg)
     fingerprint, protocol = fingerprint_of(config, settings)
@@ -530,7 +860,7 @@ def run(cfg: DictConfig) -> EvalResult:
         "names": _choice_names(config), "config": config, "ghil_version": _version(), "git": _git_info(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    with folder.locked():
+    with _sigterm_as_interrupt(), folder.locked():
         done = folder.start(meta, settings.overwrite)
         have = {rec.chain_index for rec in done}
         todo = [i for i in settings.chain_indices if i not in have]
@@ -538,34 +868,51 @@ def run(cfg: DictConfig) -> EvalResult:
             log.warning("resuming %s: %d of %d chains already done", folder.path, len(done),
                         len(settings.chain_indices))
         records = {rec.chain_index: rec for rec in done}
+        n_total = len(settings.chain_indices)
+        threads_seen: set = set()  # torch thread counts of the processes that ran this session's chains
         t0 = time.perf_counter()
-        progress = _Progress(len(settings.chain_indices), len(done))
+        progress = _Progress(n_total, len(done))
 
         def on_record(record: ChainRecord) -> None:
             folder.append(record)
             records[record.chain_index] = record
             progress.update(record)
+            _check_misconfigured(list(records.values()), n_total)
 
-        folder.write_status("running", n_done=len(done), n_total=len(settings.chain_indices))
+        folder.write_status("running", n_done=len(done), n_total=n_total)
         try:
-            if todo:
-                _run_chains(config, settings, folder, todo, on_record)
+            try:
+                if done:
+                    _check_misconfigured(done, n_total)  # a resumed run of a broken agent stops at once
+                if todo:
+                    _run_chains(config, settings, folder, todo, on_record, threads_seen)
+            finally:
+                progress.close()
+            wall_s = time.perf_counter() - t0
+            timing = {"workers": settings.workers, "n_chains_run": len(todo), "wall_s": round(wall_s, 2),
+                      "chains_per_min": round(60 * len(todo) / wall_s, 3) if todo and wall_s > 0 else None}
+            ordered = [records[i] for i in sorted(records)]
+            stored = folder.read_meta() or {}
+            history = list(stored.get("threads_history", []))
+            history += [t for t in sorted(threads_seen, key=str) if t not in history]
+            if history != stored.get("threads_history"):
+                _write_json_atomic(folder.path / RUN_FILE, {**stored, "threads_history": history})
+            effective = next(iter(threads_seen)) if len(threads_seen) == 1 else (history[-1] if history else None)
+            meta_now = {**meta, "git_history": stored.get("git_history", [meta["git"]])}
+            result = _finish(folder.path, meta_now, ordered, settings, warnings, timing,
+                             title=f"{meta['names']['agent']} on {meta['names']['env']}, {settings.subset_label}"
+                                   + (f", shard {settings.shard} of {settings.n_shards}" if settings.n_shards > 1
+                                      else ""),
+                             threads={"setting": settings.threads, "effective": effective, "history": history})
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (EvaluationInterrupted): the workers are stopped
+            folder.write_status("interrupted", error=str(exc) or "KeyboardInterrupt (Ctrl-C)", n_done=len(records),
+                                n_total=n_total)
+            raise
         except BaseException as exc:
             folder.write_status("failed", error=f"{type(exc).__name__}: {exc}", n_done=len(records),
-                                n_total=len(settings.chain_indices))
+                                n_total=n_total)
             raise
-        finally:
-            progress.close()
-        wall_s = time.perf_counter() - t0
-        timing = {"workers": settings.workers, "n_chains_run": len(todo), "wall_s": round(wall_s, 2),
-                  "chains_per_min": round(60 * len(todo) / wall_s, 3) if todo and wall_s > 0 else None}
-        ordered = [records[i] for i in sorted(records)]
-        stored = folder.read_meta() or {}
-        meta_now = {**meta, "git_history": stored.get("git_history", [meta["git"]])}
-        result = _finish(folder.path, meta_now, ordered, settings, warnings, timing,
-                         title=f"{meta['names']['agent']} on {meta['names']['env']}, {settings.subset_label}"
-                               + (f", shard {settings.shard} of {settings.n_shards}" if settings.n_shards > 1 else ""))
-        folder.write_status("complete", n_done=len(ordered), n_total=len(settings.chain_indices))
+        folder.write_status("complete", n_done=len(ordered), n_total=n_total)
     return result
 
 
@@ -597,8 +944,9 @@ class _Progress:
 
 
 def _finish(run_dir: Path, meta: dict, records: list[ChainRecord], settings: EvalSettings, warnings: list[str],
-            timing: dict | None, title: str, extra: dict | None = None) -> EvalResult:
-    """Write results.json and report.md for ``records`` and print the console table."""
+            timing: dict | None, title: str, extra: dict | None = None, threads: dict | None = None) -> EvalResult:
+    """Write results.json and report.md for ``records`` and print the console table. ``threads``: the setting, the
+    effective torch thread count and every count that contributed chains (``history``)."""
     expected = meta["chain_indices"]
     have = {rec.chain_index for rec in records}
     missing = [i for i in expected if i not in have]
@@ -610,6 +958,17 @@ def _finish(run_dir: Path, meta: dict, records: list[ChainRecord], settings: Eva
     if n_agent_errors:
         warnings = [*warnings, f"{n_agent_errors} chain(s) stopped because the agent raised an exception "
                                "(failure agent_error; the exception is in each record's detail)"]
+        log.warning("%s", warnings[-1])
+    n_stuck = metrics.failure_reasons.get(FAILURE_STUCK, 0)
+    if n_stuck:
+        warnings = [*warnings, f"{n_stuck} chain(s) stopped because a step did not return within "
+                               f"eval.step_timeout_s={settings.step_timeout_s:g} s (failure stuck; its worker process "
+                               "was killed)"]
+        log.warning("%s", warnings[-1])
+    counts = {t for t in (threads or {}).get("history", []) if t is not None}
+    if len(counts) > 1:
+        warnings = [*warnings, f"the chains ran with different torch thread counts {sorted(counts)} (threads=null "
+                               "is the machine's default); learned agents' records depend on it: set eval.threads"]
         log.warning("%s", warnings[-1])
     videos = sorted(str(p.relative_to(run_dir)) for p in (Path(run_dir) / "videos").glob("chain_*.mp4")
                     if ".partial" not in p.name) if (Path(run_dir) / "videos").exists() else []
@@ -629,6 +988,8 @@ def _finish(run_dir: Path, meta: dict, records: list[ChainRecord], settings: Eva
                   "SeedSequence([base, chain_index]).generate_state(1)[0]"},
         "metrics": metrics.to_dict(),
         "timing": timing,
+        "threads": threads,
+        "step_timeout_s": settings.step_timeout_s,
         "warnings": warnings,
         "videos": videos,
         "fingerprint": meta["fingerprint"],
@@ -723,6 +1084,12 @@ def merge(inputs: list[Path], out_dir: Path, allow_partial: bool = False) -> Eva
     meta = {**first, "shard": 0, "n_shards": 1, "chain_indices": list(settings.subset)}
     commits = {json.dumps(m.get("git"), sort_keys=True) for _, m in metas}
     meta["git_history"] = [json.loads(c) for c in sorted(commits)]
+    history: list = []  # torch thread counts that ran the shards' chains
+    for _, m in metas:
+        history += [t for t in m.get("threads_history", []) if t not in history]
+    meta["threads_history"] = history
+    threads = {"setting": settings.threads, "effective": history[0] if len(history) == 1 else None,
+               "history": history}
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = [records[i] for i in sorted(records)]
     _write_json_atomic(out_dir / RUN_FILE, {**meta, "merged_from": [str(d) for d in dirs]})
@@ -731,7 +1098,7 @@ def merge(inputs: list[Path], out_dir: Path, allow_partial: bool = False) -> Eva
     warnings = _protocol_warnings(settings) + problems
     result = _finish(out_dir, meta, ordered, settings, warnings, timing=None,
                      title=f"merged {len(dirs)} shard(s) of {n_shards}: {settings.subset_label}",
-                     extra={"merged_from": shard_info})
+                     extra={"merged_from": shard_info}, threads=threads)
     RunFolder(out_dir).write_status("complete" if result.complete else "partial", n_done=len(ordered),
                                     n_total=settings.n_chains)
     return result

@@ -23,7 +23,10 @@ from sim_eval.protocol.tasks import check_task_name
 FAILURE_TIMEOUT = "timeout"  # the oracle did not fire within ep_len steps
 FAILURE_INVALID_ACTION = "invalid_action"  # the agent returned an action the env would reject (shape, NaN, gripper)
 FAILURE_AGENT_ERROR = "agent_error"  # agent.step raised (recorded only with eval.agent_errors=record)
-FAILURE_KINDS = (FAILURE_TIMEOUT, FAILURE_INVALID_ACTION, FAILURE_AGENT_ERROR)
+# A step (agent.step + env.step), or the reset before a subtask, did not return within eval.step_timeout_s: the
+# worker process running the chain was killed (e.g. pybullet's IK looping forever in C, which no signal stops).
+FAILURE_STUCK = "stuck"
+FAILURE_KINDS = (FAILURE_TIMEOUT, FAILURE_INVALID_ACTION, FAILURE_AGENT_ERROR, FAILURE_STUCK)
 
 
 class RecordError(ValueError):

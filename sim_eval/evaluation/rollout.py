@@ -21,7 +21,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -104,19 +104,32 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
 
 
+def instructions_for(chain: Chain, mode: str, seed: int) -> list[str]:
+    """What the agent is told for each subtask of ``chain`` (a function of the chain's tasks, mode and seed)."""
+    return chain_instructions(chain.tasks, mode, np.random.default_rng(seed))
+
+
 def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: str, ep_len: int, seed: int,
-              frames: FrameSink | None = None, record_agent_errors: bool = False) -> ChainRecord:
+              frames: FrameSink | None = None, record_agent_errors: bool = False,
+              heartbeat: Callable[[int, int], None] | None = None,
+              on_subtask: Callable[[int, SubtaskRecord], None] | None = None) -> ChainRecord:
     """Roll out one chain under CALVIN's protocol and return its record.
 
     An exception from ``agent.step`` propagates, unless ``record_agent_errors``: then it fails the subtask as
     ``agent_error`` with the exception in ``detail`` (the chain stops there, the run goes on).
+
+    ``heartbeat(k, step)`` is called before each step of subtask ``k`` (``step`` -1: before the resets that start
+    it) and ``on_subtask(k, record)`` when subtask ``k`` ends: the evaluation's watchdog uses them to record a step
+    that never returns. Neither changes the record.
     """
     check_mode(mode)
     t0 = time.perf_counter()
+    beat = heartbeat or (lambda k, step: None)
+    beat(0, -1)
     seed_everything(seed)
     if isinstance(getattr(env, "rng", None), np.random.Generator):
         env.rng = np.random.default_rng(seed)  # per-chain visual variation (playtable), independent of history
-    instructions = chain_instructions(chain.tasks, mode, np.random.default_rng(seed))
+    instructions = instructions_for(chain, mode, seed)
     robot_obs, scene_obs = state_to_obs(chain.initial_state)
     obs = env.reset(robot_obs=robot_obs, scene_obs=scene_obs)  # the only reset in a chain
     describe = getattr(agent, "describe", None)
@@ -124,11 +137,13 @@ def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: 
         reset_agent(agent, seed, 0)  # once: the agent must find the subtask boundaries itself
     subtasks: list[SubtaskRecord] = []
     for k, (task, instruction) in enumerate(zip(chain.tasks, instructions)):
+        beat(k, -1)
         if mode != "long_horizon":
             reset_agent(agent, seed, k)
         start_info = env.get_info()
         result = SubtaskRecord(task, instruction, False, ep_len, FAILURE_TIMEOUT, f"no success within {ep_len} steps")
         for step in range(ep_len):
+            beat(k, step)
             image = obs["rgb_obs"]["rgb_static"] if frames is not None else None  # read before the next step
             try:
                 action = agent.step(obs, instruction)
@@ -153,6 +168,8 @@ def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: 
                 result = SubtaskRecord(task, instruction, True, step + 1)
                 break
         subtasks.append(dataclasses.replace(result, end_state=state_digest(obs)))
+        if on_subtask is not None:
+            on_subtask(k, subtasks[-1])
         if not result.success:
             break
     return ChainRecord(chain.index, dict(chain.initial_state), tuple(chain.tasks), tuple(subtasks), int(seed),
