@@ -42,7 +42,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ghil.config_diff import config_diff
 from ghil.checkpoint import (CONFIG_FILE, HASH_KEY, CheckpointError, load_pretrained, load_state_strict, read_weights,
                              write_weights)
 from ghil.interfaces import Learnable, Logger
@@ -148,17 +148,6 @@ class TrainingSetup:
 
 class ResumeMismatchError(CheckpointError):
     """Resuming a run whose stored model or data settings differ from this run's (it would mix two runs)."""
-
-
-def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Flattened differences between two nested JSON-like configs: ``["data.root: 'a' -> 'b'", ...]``."""
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            out += config_diff(old.get(key, "<absent>"), new.get(key, "<absent>"), path)
-        return out
-    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
 def _json_data(value: Any) -> Any:
@@ -303,15 +292,13 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def git_commit() -> str | None:
-    try:
-        # --no-optional-locks: `git status` must not take the checkout's .git/index.lock to refresh the index
-        out = subprocess.run(["git", "--no-optional-locks", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
+    """The source checkout's commit, with ``+dirty`` for uncommitted tracked changes; None for an installed copy."""
+    from ghil.paths import git_state
+
+    state = git_state()
+    if state["commit"] == "unknown":
         return None
+    return state["commit"] + ("+dirty" if state["dirty"] else "")
 
 
 # -- the trainer ------------------------------------------------------------------------------------------------

@@ -364,9 +364,10 @@ def test_git_calls_take_no_index_lock(tmp_path, monkeypatch):
     repo = _stale_repo(tmp_path)
     index = repo / ".git" / "index"
     before = (index.stat().st_ino, index.stat().st_mtime_ns)
+    import ghil.paths as paths
+
     monkeypatch.setattr(subprocess, "run", spy)
-    monkeypatch.setattr(evaluate, "__file__", str(repo / "pkg" / "sub" / "evaluate.py"))  # parents[1]: the repo
-    monkeypatch.setattr(train, "__file__", str(repo / "pkg" / "train.py"))  # parent: inside the repo
+    monkeypatch.setattr(paths, "source_checkout", lambda: repo)  # both commands ask git about this checkout
     info = evaluate._git_info()
     commit = train.git_commit()
     assert info["commit"] == commit and len(commit) == 40 and info["dirty"] is False

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ghil.config_diff import config_diff
+
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -673,17 +675,6 @@ def read_dataset_meta(root: str | os.PathLike) -> dict | None:
         raise IncompatibleDatasetError(f"{path} is not valid JSON: {err}") from err
 
 
-def _config_diff(stored: Mapping, wanted: Mapping, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            diffs += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: stored {a!r}, requested {b!r}")
-    return diffs
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The writer
 
@@ -774,7 +765,8 @@ class DatasetWriter:
             self._discard_dataset(meta)
         else:
             _check_format_version(meta, self.root)
-            diffs = _config_diff(meta.get("config", {}), self.config)
+            diffs = config_diff(meta.get("config", {}), self.config,
+                                template="{key}: stored {old!r}, requested {new!r}")
             if diffs:
                 raise IncompatibleDatasetError(
                     f"{self.root} was written with a different config ({'; '.join(diffs)}); resume with the stored "

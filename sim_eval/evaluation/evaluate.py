@@ -37,7 +37,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -49,6 +48,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ghil.config_diff import config_diff
 from ghil.interfaces import CalvinAgent
 from sim_eval.protocol.chains import NUM_OFFICIAL_CHAINS, load_official_chains
 from sim_eval.protocol.instructions import MODES
@@ -242,17 +242,9 @@ def _choice_names(config: dict) -> dict:
 
 
 def _git_info() -> dict:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        # --no-optional-locks: `git status` must not refresh the checkout's index (.git/index.lock) under a user's
-        # concurrent git commands
-        commit = subprocess.run(["git", "--no-optional-locks", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=root, capture_output=True, text=True, timeout=10).stdout.strip())
-        return {"commit": commit, "dirty": dirty}
-    except Exception:
-        return {"commit": "unknown", "dirty": None}
+    from ghil.paths import git_state
+
+    return git_state()
 
 
 def _version() -> str:
@@ -260,17 +252,6 @@ def _version() -> str:
         return metadata.version("ghil")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _diff(old, new, prefix: str = "") -> list[str]:
-    """Flattened differences between two nested configs, for mismatch messages."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            out += _diff(old.get(key, "<absent>"), new.get(key, "<absent>"), path)
-        return out
-    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -355,7 +336,7 @@ class RunFolder:
                                   f"({old.get('format_version')}); use another eval.out_dir")
         if old["fingerprint"] != meta["fingerprint"] or old["shard"] != meta["shard"] \
                 or old["n_shards"] != meta["n_shards"]:
-            changes = _diff({"protocol": old["protocol"], "shard": old["shard"], "n_shards": old["n_shards"]},
+            changes = config_diff({"protocol": old["protocol"], "shard": old["shard"], "n_shards": old["n_shards"]},
                             {"protocol": meta["protocol"], "shard": meta["shard"], "n_shards": meta["n_shards"]})
             raise ConfigMismatchError(
                 f"{self.path} holds results of a different configuration, so resuming would mix two experiments. "
@@ -1046,7 +1027,7 @@ def merge(inputs: list[Path], out_dir: Path, allow_partial: bool = False) -> Eva
     first_dir, first = metas[0]
     for d, meta in metas[1:]:
         if meta["fingerprint"] != first["fingerprint"] or meta["n_shards"] != first["n_shards"]:
-            changes = _diff({"protocol": first["protocol"], "n_shards": first["n_shards"]},
+            changes = config_diff({"protocol": first["protocol"], "n_shards": first["n_shards"]},
                             {"protocol": meta["protocol"], "n_shards": meta["n_shards"]})
             raise MergeError(f"{d} and {first_dir} are from different evaluations: {'; '.join(changes)}")
     by_shard: dict[int, Path] = {}
