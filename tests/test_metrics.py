@@ -93,3 +93,14 @@ def test_record_invariants():
         SubtaskRecord(tasks[0], "x", True, 3, FAILURE_TIMEOUT)
     with pytest.raises(RecordError, match="chain says"):
         ChainRecord(0, state, tasks, (SubtaskRecord(tasks[1], "x", False, 3, FAILURE_TIMEOUT),), seed=0)
+
+
+def test_average_length_interval_by_hand():
+    from sim_eval.evaluation.metrics import average_length_ci95
+
+    # mean 2, sample sd sqrt(4/3), se = sqrt(4/3)/2: 2 +- 1.96 * 0.57735
+    low, high = average_length_ci95([1, 1, 3, 3])
+    assert low == pytest.approx(2 - 1.96 * (4 / 3) ** 0.5 / 2, abs=1e-4) and high == pytest.approx(4 - low, abs=1e-4)
+    assert average_length_ci95([0, 0, 2, 2])[0] == 0.0  # clipped to the possible range
+    assert average_length_ci95([5, 5, 5]) == (5.0, 5.0)  # no spread: a point, clipped to [0, 5]
+    assert all(x != x for x in average_length_ci95([3]))  # one chain: undefined (NaN)

@@ -41,12 +41,14 @@ class EvalMetrics:
     per_task: dict[str, TaskCount]  # every one of the 34 tasks, attempted or not
     failure_reasons: dict[str, int]  # failure kind -> number of chains that stopped for it
     completed_histogram: tuple[int, ...]  # number of chains with exactly 0, 1, ..., 5 successes
+    avg_len_ci95: tuple[float, float] = (float("nan"), float("nan"))  # normal-approximation 95 % interval
 
     def to_dict(self) -> dict:
         return {
             "n_chains": self.n_chains,
             "sr": {f"sr@{i + 1}": rate for i, rate in enumerate(self.success_rates)},
             "avg_len": self.avg_len,
+            "avg_len_ci95": list(self.avg_len_ci95),
             "per_task": {t: {"successes": c.successes, "attempts": c.attempts} for t, c in self.per_task.items()},
             "failure_reasons": dict(self.failure_reasons),
             "completed_histogram": list(self.completed_histogram),
@@ -71,6 +73,18 @@ def average_length(n_completed: Sequence[int]) -> float:
     avg = sum(n_completed) / len(n_completed)
     assert abs(avg - sum(success_rates(n_completed))) < 1e-9, "avg len must equal the sum of SR@1..5"
     return avg
+
+
+def average_length_ci95(n_completed: Sequence[int]) -> tuple[float, float]:
+    """95 % interval of the average length over chains: mean +- 1.96 standard errors (chains are independent draws
+    of the protocol; with N = 100 the normal approximation is close to a bootstrap). NaN for fewer than 2 chains."""
+    n = len(n_completed)
+    if n < 2:
+        return (float("nan"), float("nan"))
+    mean = sum(n_completed) / n
+    var = sum((x - mean) ** 2 for x in n_completed) / (n - 1)
+    half = 1.96 * (var / n) ** 0.5
+    return (round(max(mean - half, 0.0), 4), round(min(mean + half, float(CHAIN_LENGTH)), 4))
 
 
 def task_counts(records: Iterable[ChainRecord]) -> dict[str, TaskCount]:
@@ -99,4 +113,5 @@ def summarize(records: Sequence[ChainRecord]) -> EvalMetrics:
         per_task=task_counts(records),
         failure_reasons=dict(sorted(reasons.items())),
         completed_histogram=tuple(done.count(k) for k in range(CHAIN_LENGTH + 1)),
+        avg_len_ci95=average_length_ci95(done),
     )

@@ -30,8 +30,8 @@ def console_table(metrics: EvalMetrics, title: str = "") -> str:
     sr = "  ".join(f"{100 * r:5.1f}" for r in metrics.success_rates)
     lines = [title] if title else []
     lines += [
-        f"{'N':>5}  {'SR@1':>5}  {'SR@2':>5}  {'SR@3':>5}  {'SR@4':>5}  {'SR@5':>5}  {'avg len':>7}",
-        f"{metrics.n_chains:>5}  {sr}  {metrics.avg_len:7.3f}",
+        f"{'N':>5}  {'SR@1':>5}  {'SR@2':>5}  {'SR@3':>5}  {'SR@4':>5}  {'SR@5':>5}  {'avg len':>7}  {'95 % interval':>13}",
+        f"{metrics.n_chains:>5}  {sr}  {metrics.avg_len:7.3f}  {metrics.avg_len_ci95[0]:6.2f}-{metrics.avg_len_ci95[1]:<6.2f}",
         "",
         f"{'task':<26} {'success':>8} {'rate':>6}",
     ]
@@ -164,9 +164,10 @@ def write_report(run_dir: Path, results: dict, metrics: EvalMetrics) -> Path:
         f"{' (uncommitted changes)' if results['git'].get('dirty') else ''}; config fingerprint "
         f"`{results['fingerprint']}`",
         "",
-        "| N | SR@1 | SR@2 | SR@3 | SR@4 | SR@5 | Avg. Len. |",
-        "|---|---|---|---|---|---|---|",
-        f"| {metrics.n_chains} | {sr_cells} | **{metrics.avg_len:.3f}** |",
+        "| N | SR@1 | SR@2 | SR@3 | SR@4 | SR@5 | Avg. Len. | 95 % interval |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {metrics.n_chains} | {sr_cells} | **{metrics.avg_len:.3f}** | "
+        f"{metrics.avg_len_ci95[0]:.2f}-{metrics.avg_len_ci95[1]:.2f} |",
         "",
         "![SR curve](sr_curve.svg)",
         "",
