@@ -281,6 +281,17 @@ def test_joblib_multirun_shards_merge_to_the_single_run(tmp_path):
     assert merged.complete and outcomes(merged.records) == outcomes(single.records)
 
 
+def test_multirun_with_the_default_out_dir(tmp_path):
+    """`ghil eval -m ...` without eval.out_dir: Hydra resolves its sweep folder before any job exists, so it must
+    not depend on the job's config choices (it failed with "HydraConfig was not set")."""
+    cmd = [sys.executable, "-c", "from ghil.cli import main; main()", "eval", "-m", "eval.shard=0,1",
+           "eval.n_shards=2", *FAST, "eval.n_chains=2", "eval.step_timeout_s=null"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged = merge([tmp_path / "outputs" / "eval" / "hold_playtable_standard_n2"], tmp_path / "merged")
+    assert merged.complete and sorted(r.chain_index for r in merged.records) == [0, 1]
+
+
 # ------------------------------------------------------------------------------------------------ modes
 def test_heldout_phrasings_mode_uses_unseen_wording_deterministically(tmp_path):
     res = run(tmp_path / "a", *FAST, "eval.n_chains=3", "eval.mode=heldout_phrasings")
