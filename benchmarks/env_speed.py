@@ -1,7 +1,8 @@
 """Env step speed: physics only, and a full step with camera observations, for the playtable or the real calvin_env.
 
 The env is built from its Hydra config in ``configs/env/`` (``--env playtable`` or ``--env calvin``), reset to CALVIN's
-neutral robot pose in an official initial scene, and stepped with small random relative actions (gripper open).
+neutral robot pose in an official initial scene, and stepped with small random relative actions (gripper open;
+``--actions expert``: the scripted expert solving drawer, slider, button, switch and block tasks instead).
 Each step is timed on its own with ``time.perf_counter``; resets (every ``--reset-every`` steps, to keep the random
 walk near the neutral pose) are not timed. Two measurements:
 
@@ -10,12 +11,20 @@ walk near the neutral pose) are not timed. Two measurements:
     - calvin: ``CalvinEnv.step_physics(action)``, i.e. calvin_env's ``step`` minus ``get_obs()``:
       ``robot.apply_action`` (IK), 8 x ``stepSimulation``, ``scene.step()``, ``get_info()`` (+ our action check).
 * **full step**: ``env.step(action)`` and every rgb/depth image of the observation read (``--cameras``, default
-  both, at the config's sizes: 200 static, 84 gripper).
+  both, at the config's sizes: 200 static, 84 gripper). For the playtable, once per visual mode (``--visuals``,
+  default ``default,layered,fast``: ``env.visuals``; ``default`` is the look the shipped policies were trained on,
+  ``layered`` the same models with the static camera drawn from cached layers, ``fast`` layered and cheaper models).
+
+Measurements are interleaved: ``--rounds`` rounds, each running every measurement for ``steps / rounds`` timed
+steps (after a reset and ``--warmup`` untimed steps), so a change in the machine's load hits all of them alike.
+Each step's wall time (``time.perf_counter``) and its thread CPU time (``time.thread_time``: unaffected by waiting
+for a core on a busy machine) are reported; the load average is printed with the results.
 
 By default the process is pinned to CPU core 0 (``--cpu N`` for another, ``--no-pin`` to disable), which gives
 steadier numbers and reflects one evaluation worker per core.
 
     python benchmarks/env_speed.py --env playtable --steps 500
+    python benchmarks/env_speed.py --env playtable --steps 1000 --rounds 5 --actions expert
     <calvin venv>/bin/python benchmarks/env_speed.py --env calvin --steps 300 --json outputs/env_speed_calvin.json
 """
 
@@ -51,13 +60,26 @@ def parse_cameras(text: str) -> list[str]:
     return names
 
 
-def build_env(name: str, cameras: list[str], static_size: int | None, gripper_size: int | None):
-    """Instantiate ``configs/env/<name>.yaml`` with the chosen cameras (and sizes, when given)."""
+def parse_visuals(text: str) -> list[str]:
+    from sim_eval.world.playtable.models import VISUALS
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(VISUALS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown visuals {unknown or text!r}; use a comma list of {list(VISUALS)}")
+    return names
+
+
+def build_env(name: str, cameras: list[str], static_size: int | None, gripper_size: int | None,
+              visuals: str | None = None):
+    """Instantiate ``configs/env/<name>.yaml`` with the chosen cameras (and sizes, visuals, when given)."""
     import hydra.utils
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(CONFIG_DIR / "env" / f"{name}.yaml")
     cfg.cameras = cameras
+    if visuals is not None:
+        cfg.visuals = visuals
     if static_size is not None:
         cfg.static_size = static_size
     if gripper_size is not None:
@@ -88,25 +110,76 @@ def read_images(obs: dict) -> int:
     return n
 
 
-def time_steps(step_fn, env, actions: np.ndarray, warmup: int, reset_every: int, start) -> list[float]:
-    """Per-step wall times in ms over ``len(actions)`` steps, after ``warmup`` untimed ones."""
+class RandomActions:
+    """Small random relative actions, gripper open: a policy-like load on IK and contacts, not a stress test. Every
+    reset replays the same sequence, so every measurement sees the same states."""
+
+    def __init__(self, actions: np.ndarray):
+        self.actions, self.i = actions, 0
+
+    def reset(self) -> None:
+        self.i = 0
+
+    def __call__(self, obs) -> np.ndarray:
+        a = self.actions[self.i % len(self.actions)]
+        self.i += 1
+        return a
+
+
+class ExpertActions:
+    """The scripted expert solving EXPERT_TASKS one after the other (the next one when a task is done or after
+    ``max_steps``): doors, drawer, button, switch and blocks move, as in data collection. Physics is the same in
+    every visual mode, so every measurement sees the same states."""
+
+    def __init__(self, max_steps: int = 120):
+        self.max_steps = max_steps
+        self.reset()
+
+    def reset(self) -> None:
+        from sim_eval.demonstrations.expert.agent import ScriptedExpert
+
+        self.expert, self.k, self.t = ScriptedExpert(), 0, 0
+        self.expert.reset(EXPERT_TASKS[0])
+
+    def __call__(self, obs) -> np.ndarray:
+        if self.expert.finished or self.t >= self.max_steps:
+            self.k, self.t = self.k + 1, 0
+            self.expert.reset(EXPERT_TASKS[self.k % len(EXPERT_TASKS)])
+        self.t += 1
+        return self.expert.act(obs["robot_obs"], obs["scene_obs"])[0]
+
+
+EXPERT_TASKS = ("open_drawer", "turn_on_led", "move_slider_left", "lift_red_block_table", "turn_on_lightbulb",
+                "push_blue_block_right", "close_drawer", "rotate_pink_block_left")
+
+
+def time_steps(step_fn, env, driver, n_steps: int, warmup: int, reset_every: int, start) -> tuple[list, list]:
+    """Per-step (wall, thread CPU) times in ms over ``n_steps`` steps, after ``warmup`` untimed ones.
+    ``step_fn(action)`` returns the observation; ``driver(obs)`` gives the next action."""
     robot_obs, scene_obs = start
-    env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
-    for a in actions[:warmup]:
-        step_fn(a)
-    times = []
-    for i, a in enumerate(actions[warmup:]):
+
+    def reset():
+        driver.reset()
+        return env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+
+    obs = reset()
+    for _ in range(warmup):
+        obs = step_fn(driver(obs))
+    wall, cpu = [], []
+    for i in range(n_steps):
         if i and reset_every and i % reset_every == 0:
-            env.reset(robot_obs=robot_obs, scene_obs=scene_obs)  # untimed
-        t0 = time.perf_counter()
-        step_fn(a)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+            obs = reset()  # untimed
+        a = driver(obs)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        obs = step_fn(a)
+        cpu.append((time.thread_time() - c0) * 1e3)
+        wall.append((time.perf_counter() - t0) * 1e3)
+    return wall, cpu
 
 
-def summarise(times_ms: list[float]) -> dict:
+def summarise(times_ms: list[float], cpu_ms: list[float] | None = None) -> dict:
     arr = np.asarray(times_ms)
-    return {
+    out = {
         "n": int(arr.size),
         "median_ms": float(np.median(arr)),
         "mean_ms": float(arr.mean()),
@@ -114,6 +187,10 @@ def summarise(times_ms: list[float]) -> dict:
         "steps_per_s_mean": float(1e3 / arr.mean()),  # throughput
         "steps_per_s_median": float(1e3 / np.median(arr)),
     }
+    if cpu_ms is not None:
+        out["cpu_median_ms"] = float(np.median(cpu_ms))
+        out["cpu_mean_ms"] = float(np.mean(cpu_ms))
+    return out
 
 
 def cpu_model() -> str:
@@ -134,19 +211,32 @@ def main(argv: list[str] | None = None) -> dict:
                     help="cameras for the full step: 'static,gripper' (default), 'static', 'gripper' or 'none'")
     ap.add_argument("--static-size", type=int, default=None, help="override the config's static image size")
     ap.add_argument("--gripper-size", type=int, default=None, help="override the config's gripper image size")
+    ap.add_argument("--visuals", type=parse_visuals, default=None,
+                    help="playtable: full step once per visual mode, comma list (default 'default,layered,fast')")
     ap.add_argument("--steps", type=int, default=300, help="timed steps per measurement (default 300)")
-    ap.add_argument("--warmup", type=int, default=20, help="untimed steps before each measurement (default 20)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleave the measurements in this many rounds of steps/rounds steps (default 3)")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed steps before each round (default 20)")
     ap.add_argument("--reset-every", type=int, default=200,
                     help="untimed reset to the start every N timed steps (0: never)")
     ap.add_argument("--action-scale", type=float, default=0.3, help="std of the random relative actions")
+    ap.add_argument("--actions", choices=["random", "expert"], default="random",
+                    help="random: small random relative actions near the neutral pose (default); expert: the "
+                         "scripted expert solving drawer, slider, button, switch and block tasks (playtable)")
     ap.add_argument("--only", choices=["physics", "full"], default=None, help="run one measurement only")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the process to one CPU core")
     ap.add_argument("--cpu", type=int, default=0, help="the core to pin to (default 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or not 1 <= args.rounds <= args.steps:
+        ap.error("--steps must be >= 1, --warmup >= 0 and 1 <= --rounds <= --steps")
+    is_calvin = args.env == "calvin"
+    if is_calvin and args.visuals:
+        ap.error("--visuals is for the playtable (calvin_env has its own renderer)")
+    if is_calvin and args.actions == "expert":
+        ap.error("--actions expert is for the playtable")
+    visuals = [None] if is_calvin else (args.visuals or ["default", "layered", "fast"])
 
     pinned = None
     if not args.no_pin and hasattr(os, "sched_setaffinity"):
@@ -154,44 +244,62 @@ def main(argv: list[str] | None = None) -> dict:
         pinned = sorted(os.sched_getaffinity(0))
 
     t0 = time.perf_counter()
-    env, cfg = build_env(args.env, args.cameras, args.static_size, args.gripper_size)
-    build_s = time.perf_counter() - t0
-    start = neutral_start()
-    rng = np.random.default_rng(args.seed)
-    n = args.warmup + args.steps
-    # Small random relative actions, gripper open: a policy-like load on IK and contacts, not a stress test.
-    actions = np.concatenate([np.clip(rng.normal(0, args.action_scale, (n, 6)), -1, 1), np.ones((n, 1))], axis=1)
-
-    is_calvin = args.env == "calvin"
-    physics_what = (
-        "calvin_env step minus get_obs: robot.apply_action + 8 stepSimulation + scene.step + get_info (+ action check)"
-        if is_calvin else "env.step with the lazy observation's images never read (no rendering)"
-    )
-    if is_calvin:
-        physics_fn = env.step_physics
-    else:
-        def physics_fn(a):
-            return env.step(a)
-
-    def full_fn(a):
-        obs, _, _, _ = env.step(a)
-        read_images(obs)
-
-    sizes = {c: (cfg.static_size if c == "static" else cfg.gripper_size) for c in args.cameras}
-    full_what = "env.step + read " + (", ".join(f"{c} rgb+depth {s}x{s}" for c, s in sizes.items()) or "no images")
-
-    results = {}
+    envs = {}
     try:
+        for v in visuals:  # one env per visual mode (physics is the same in all: it is timed on the first)
+            envs[v], cfg = build_env(args.env, args.cameras, args.static_size, args.gripper_size, v)
+        build_s = time.perf_counter() - t0
+        start = neutral_start()
+        rng = np.random.default_rng(args.seed)
+        per_round = -(-args.steps // args.rounds)
+        n = args.warmup + per_round
+        if args.actions == "expert":
+            driver = ExpertActions()
+        else:
+            driver = RandomActions(np.concatenate([np.clip(rng.normal(0, args.action_scale, (n, 6)), -1, 1),
+                                                   np.ones((n, 1))], axis=1))
+
+        physics_what = (
+            "calvin_env step minus get_obs: robot.apply_action + 8 stepSimulation + scene.step + get_info "
+            "(+ action check)" if is_calvin else "env.step with the lazy observation's images never read (no rendering)"
+        )
+        sizes = {c: (cfg.static_size if c == "static" else cfg.gripper_size) for c in args.cameras}
+        full_what = "env.step + read " + (", ".join(f"{c} rgb+depth {s}x{s}" for c, s in sizes.items())
+                                          or "no images")
+        first = envs[visuals[0]]
+        plans = []  # (result name, env, step function, what)
         if args.only in (None, "physics"):
-            results["physics"] = summarise(time_steps(physics_fn, env, actions, args.warmup, args.reset_every, start))
-            results["physics"]["what"] = physics_what
+            if is_calvin:
+                def physics_fn(a, env=first):
+                    env.step_physics(a)
+            else:
+                def physics_fn(a, env=first):
+                    return env.step(a)[0]
+            plans.append(("physics", first, physics_fn, physics_what))
         if args.only in (None, "full"):
-            results["full"] = summarise(time_steps(full_fn, env, actions, args.warmup, args.reset_every, start))
-            results["full"]["what"] = full_what
+            for v, env in envs.items():
+                def full_fn(a, env=env):
+                    obs, _, _, _ = env.step(a)
+                    read_images(obs)
+                    return obs
+                name = "full" if v is None else f"full:{v}"
+                plans.append((name, env, full_fn, full_what + ("" if v is None else f", visuals={v}")))
+        times = {name: ([], []) for name, *_ in plans}
+        for r in range(args.rounds):
+            steps = min(per_round, args.steps - r * per_round)
+            for name, env, fn, _ in plans:
+                wall, cpu = time_steps(fn, env, driver, steps, args.warmup, args.reset_every, start)
+                times[name][0].extend(wall)
+                times[name][1].extend(cpu)
+        results = {}
+        for name, _, _, what in plans:
+            results[name] = summarise(*times[name])
+            results[name]["what"] = what
     finally:
-        close = getattr(env, "close", None)
-        if close:
-            close()
+        for env in envs.values():
+            close = getattr(env, "close", None)
+            if close:
+                close()
 
     meta = {
         "env": args.env,
@@ -199,13 +307,17 @@ def main(argv: list[str] | None = None) -> dict:
         "cameras": args.cameras,
         "image_sizes": sizes,
         "use_egl": bool(cfg.use_egl) if "use_egl" in cfg else None,
+        "visuals": visuals if not is_calvin else None,
+        "actions": args.actions,
         "steps": args.steps,
+        "rounds": args.rounds,
         "warmup": args.warmup,
         "pinned_cpus": pinned,
         "cpu": cpu_model(),
         "cpus_online": os.cpu_count(),
         "python": platform.python_version(),
         "build_s": round(build_s, 3),
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     try:
         import pybullet
@@ -221,12 +333,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"cpu: {meta['cpu']} ({meta['cpus_online']} online), pinned to {pinned if pinned else 'no pinning'}; "
           f"python {meta['python']}, pybullet {meta.get('pybullet')}"
           + (f", calvin_env {str(meta.get('calvin_env_commit'))[:7]}" if is_calvin else ""))
-    print(f"{args.steps} timed steps per measurement after {args.warmup} warm-up steps")
-    print(f"{'measurement':<14}{'steps/s':>9}{'median ms':>11}{'mean ms':>9}{'p95 ms':>8}  what")
+    print(f"{args.steps} timed steps ({args.actions} actions) per measurement in {args.rounds} interleaved rounds, "
+          f"each after a reset and {args.warmup} warm-up steps; load average {meta['loadavg_1_5_15']}")
+    print(f"{'measurement':<14}{'steps/s':>9}{'median ms':>11}{'mean ms':>9}{'p95 ms':>8}{'cpu med':>9}  what")
     for name, r in results.items():
         print(f"{name:<14}{r['steps_per_s_mean']:>9.1f}{r['median_ms']:>11.2f}{r['mean_ms']:>9.2f}{r['p95_ms']:>8.2f}"
-              f"  {r['what']}")
-    print("(steps/s = 1000 / mean ms)")
+              f"{r['cpu_median_ms']:>9.2f}  {r['what']}")
+    print("(steps/s = 1000 / mean wall ms; cpu med = median thread CPU time per step)")
 
     out = {"meta": meta, "results": results}
     if args.json:

@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -22,9 +23,30 @@ from sim_eval.world import layout
 
 
 def depth_from_zbuffer(zbuffer: np.ndarray, near: float, far: float) -> np.ndarray:
-    """OpenGL depth buffer -> metric depth (calvin's Camera.z_buffer_to_real_distance)."""
-    depth = far * near / (far - (far - near) * zbuffer.astype(np.float64))
-    return np.clip(depth, near, far).astype(np.float32)  # float error can put the background a hair past far
+    """OpenGL depth buffer -> metric depth (calvin's Camera.z_buffer_to_real_distance).
+
+    The arithmetic is ``far * near / (far - (far - near) * z)`` in float64, clipped to [near, far] (float error can
+    put the background a hair past far), then float32; done in place in one float64 buffer, which gives the same
+    bits as the expression with temporaries at a fraction of the cost (no fresh pages for every temporary)."""
+    depth = np.asarray(zbuffer).astype(np.float64)
+    np.multiply(depth, far - near, out=depth)
+    np.subtract(far, depth, out=depth)
+    np.divide(far * near, depth, out=depth)
+    np.clip(depth, near, far, out=depth)
+    return depth.astype(np.float32)
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> a new contiguous (H, W, 3) uint8 (alpha dropped); 4x faster than copying a [..., :3] view."""
+    rgba = np.ascontiguousarray(rgba, dtype=np.uint8)
+    if sys.byteorder != "little":  # pragma: no cover - the channel shifts below assume little-endian words
+        return np.ascontiguousarray(rgba[..., :3])
+    word = rgba.view(np.uint32)[..., 0]
+    rgb = np.empty(rgba.shape[:-1] + (3,), dtype=np.uint8)
+    rgb[..., 0] = word
+    rgb[..., 1] = word >> 8
+    rgb[..., 2] = word >> 16
+    return rgb
 
 
 class _Camera:
@@ -48,10 +70,10 @@ class _Camera:
         _, _, rgba, zbuf, _ = p.getCameraImage(
             self.width, self.height, self.view_matrix(client), self.projection_matrix,
             renderer=p.ER_TINY_RENDERER, flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=client, **self.light)
-        rgb = np.asarray(rgba, dtype=np.uint8).reshape(self.height, self.width, 4)[:, :, :3]
+        rgb = rgba_to_rgb(np.asarray(rgba, dtype=np.uint8).reshape(self.height, self.width, 4))
         depth = depth_from_zbuffer(np.asarray(zbuf, dtype=np.float32).reshape(self.height, self.width),
                                    self.near, self.far)
-        return np.ascontiguousarray(rgb), depth
+        return rgb, depth
 
     def project(self, points_world: np.ndarray, client: int | None = None) -> np.ndarray:
         """World points (..., 3) -> pixel coordinates (..., 2) as (u = column, v = row), floats."""

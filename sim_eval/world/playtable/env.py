@@ -21,7 +21,8 @@ import pybullet as p
 from sim_eval.world import layout
 from sim_eval.world.action_validation import validate_action, validate_state_obs
 from sim_eval.world.playtable.cameras import CameraFrames, GripperCamera, StaticCamera
-from sim_eval.world.playtable.models import write_urdfs
+from sim_eval.world.playtable.layers import LayeredStaticView
+from sim_eval.world.playtable.models import check_visuals, write_urdfs
 from sim_eval.world.playtable.robot import PandaRobot
 from sim_eval.world.playtable.scene import PlayTableScene, SceneVariation
 
@@ -33,18 +34,24 @@ class PlayTableEnv:
 
     def __init__(self, static_size: int = 200, gripper_size: int = 84, cameras=CAMERA_NAMES, seed: int = 0,
                  variation: SceneVariation | None = None, urdf_cache_dir: str | None = None,
-                 strict_reset: bool = False):
+                 strict_reset: bool = False, visuals: str = "default"):
         """``strict_reset=True`` makes every :meth:`reset` refuse states the world cannot be in (joints beyond the
         Panda's limits, doors beyond their travel, blocks outside the workspace; see
         ``action_validation.validate_state_obs``). Off by default, as calvin_env, which teleports anywhere; a wrong
         length, NaN/inf or a light other than 0/1 is refused in both modes. ``urdf_cache_dir``: where the generated
-        URDFs go (default: a private per-user folder in the temp dir); their content is checked on every reset."""
+        URDFs go (default: a private per-user folder in the temp dir); their content is checked on every reset.
+        ``visuals``: ``"default"`` is the look the shipped policies were trained on (unchanged to the bit);
+        ``"layered"`` draws the same models with the static camera put together from cached layers (see
+        ``layers.py``; a few pixels per frame differ from ``default``); ``"fast"`` is layered with cheaper models
+        (desk as outer-surface meshes, the arm as coarse hulls). Physics, ``robot_obs``, ``scene_obs`` and
+        ``get_info()`` are bit-identical in all three."""
         unknown = set(cameras) - set(CAMERA_NAMES)
         if unknown:
             raise ValueError(f"unknown camera(s) {sorted(unknown)}; choose from {list(CAMERA_NAMES)}")
         for name, size in (("static_size", static_size), ("gripper_size", gripper_size)):
             if not 8 <= int(size) <= 1024:
                 raise ValueError(f"{name} must be in [8, 1024] pixels, got {size}")
+        self.visuals = check_visuals(visuals)
         self.variation = variation or SceneVariation()
         self.rng = np.random.default_rng(seed)
         self.strict_reset = bool(strict_reset)
@@ -67,13 +74,14 @@ class PlayTableEnv:
         ~1e-4 m depending on what ran before, so only a rebuilt world makes "same reset + same actions = same
         trajectory" hold (exact resume of data collection and evaluation rely on it)."""
         # Re-check the cached URDFs' content (and rewrite any that changed or vanished) before bullet reads them.
-        self._urdf_paths = write_urdfs(self._urdf_cache_dir)
+        self._urdf_paths = write_urdfs(self._urdf_cache_dir, self.visuals)
         p.resetSimulation(physicsClientId=self.cid)
         p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=self.cid)
         p.setTimeStep(1.0 / layout.PHYSICS_HZ, physicsClientId=self.cid)
         p.setGravity(0, 0, -9.8, physicsClientId=self.cid)
         self.robot = PandaRobot(self.cid, self._urdf_paths["robot"])
         self.scene = PlayTableScene(self.cid, self._urdf_paths, self.variation)
+        self._static_view = None  # fast visuals: the static camera's layers, built on first use in this world
 
     # ------------------------------------------------------------------------------------------------ API
     def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None, *,
@@ -115,11 +123,31 @@ class PlayTableEnv:
             return self._state_counter == counter
 
         def render(cam):
+            if cam.name == "static" and self.visuals in ("layered", "fast"):
+                return self._layered_static_view().render()
             return cam.render(self.cid)
 
         return {"rgb_obs": CameraFrames("rgb", cams, cache, render, is_current),
                 "depth_obs": CameraFrames("depth", cams, cache, render, is_current),
                 "robot_obs": robot_obs, "scene_obs": self.scene.get_obs()}
+
+    def _layered_static_view(self) -> LayeredStaticView:
+        if self._static_view is None:
+            table, robot = self.scene.table_uid, self.robot.uid
+            n_robot = p.getNumJoints(robot, physicsClientId=self.cid)
+            plank = layout.TABLE_LINK_IDS["plank_link"]
+            movable = [layout.TABLE_LINK_IDS[n] for n in ("button_link", "switch_link", "slide_link", "drawer_link",
+                                                            "led_link", "light_link")]
+            layers = {"fixed": [(table, -1), (table, plank), (robot, -1)],  # the arm's pedestal never moves
+                      "movable": [(table, link) for link in movable]
+                                 + [(uid, -1) for uid in self.scene.block_uids.values()],
+                      "dynamic": [(robot, link) for link in range(n_robot)]}
+
+            def link_color(uid: int, link: int):
+                return self.scene.link_rgba.get(link) if uid == table else None
+
+            self._static_view = LayeredStaticView(self.cid, self.cameras["static"], layers, link_color)
+        return self._static_view
 
     def get_info(self) -> dict:
         _, robot_info = self.robot.get_observation()

@@ -74,6 +74,7 @@ class PlayTableScene:
         self.led_on = False
         self.bulb_on = False
         self._button_was_pressed = False
+        self.link_rgba: dict[int, tuple] = {}  # table links recoloured as a whole since loading (lamps, tints)
 
     def _check_table_links(self) -> None:
         for name, idx in layout.TABLE_LINK_IDS.items():
@@ -111,10 +112,14 @@ class PlayTableScene:
     def _set_lights(self, led_on: bool, bulb_on: bool) -> None:
         self.led_on, self.bulb_on = led_on, bulb_on
         led_link, bulb_link = layout.TABLE_LINK_IDS["led_link"], layout.TABLE_LINK_IDS["light_link"]
-        p.changeVisualShape(self.table_uid, led_link, rgbaColor=LED_ON_RGBA if led_on else LAMP_OFF_RGBA,
-                            physicsClientId=self.cid)
-        p.changeVisualShape(self.table_uid, bulb_link, rgbaColor=BULB_ON_RGBA if bulb_on else LAMP_OFF_RGBA,
-                            physicsClientId=self.cid)
+        self._set_link_rgba(led_link, LED_ON_RGBA if led_on else LAMP_OFF_RGBA)
+        self._set_link_rgba(bulb_link, BULB_ON_RGBA if bulb_on else LAMP_OFF_RGBA)
+
+    def _set_link_rgba(self, link: int, rgba) -> None:
+        """Recolour every visual shape of a table link (remembered: layered rendering restores it)."""
+        rgba = tuple(float(c) for c in rgba)
+        p.changeVisualShape(self.table_uid, link, rgbaColor=rgba, physicsClientId=self.cid)
+        self.link_rgba[link] = rgba
 
     def _button_pressed(self) -> bool:
         return self.joint_value("base__button") > layout.BUTTON_TRIGGER_M
@@ -175,4 +180,4 @@ class PlayTableScene:
                                (layout.TABLE_LINK_IDS["slide_link"], "door"),
                                (layout.TABLE_LINK_IDS["plank_link"], "cabinet")):
             rgb = np.clip(np.array(DESK_MATERIALS[material][:3]) * rng.uniform(0.8, 1.2, 3), 0, 1)
-            p.changeVisualShape(self.table_uid, link, rgbaColor=(*rgb, 1.0), physicsClientId=self.cid)
+            self._set_link_rgba(link, (*rgb, 1.0))
