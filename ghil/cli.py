@@ -9,6 +9,7 @@ installed package, so it runs from any folder), so every setting can be overridd
     ghil collect --cfg job                      # print the resolved config and exit
     ghil eval agent=expert eval.n_chains=100    # CALVIN evaluation (first 100 official chains)
     ghil eval merge outputs/eval/<run> out=outputs/eval/<run>/merged    # merge shards (plain argparse)
+    ghil pack data.root=data/playtable_play     # memory-mapped training cache -> data/playtable_play/packed
     ghil train policy=dit_small sampler=shortcut data.root=data/playtable_play    # resumes when re-run
 
 A command whose module needs a missing optional dependency (torch for ``ghil train``) stops with one line naming
@@ -32,6 +33,7 @@ COMMANDS = {
     "demo": ("sim_eval.evaluation.evaluate:run", "scripted expert on the first official chains, with videos (outputs/demo)"),
     "collect": ("sim_eval.demonstrations.collect:run", "collect CALVIN-format demonstration data with the scripted expert"),
     "eval": ("sim_eval.evaluation.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
+    "pack": ("ghil.data.packed:run", "repack a dataset's splits into the memory-mapped training cache (data.root=...)"),
     "train": ("ghil.train:run", "train a low-level policy (policy=dit_small sampler=ddim|shortcut data.root=...)"),
 }
 
@@ -46,6 +48,7 @@ EXAMPLES = (
     "ghil demo eval.n_chains=2",
     "ghil collect collect.episodes=10 env.static_size=128 env.gripper_size=64",
     "ghil eval agent=oracle_subgoal_policy agent.n_steps=1 eval.n_chains=10 eval.workers=2",
+    "ghil pack data.root=data/play",
     "ghil train policy=dit_small sampler=shortcut data.root=data/play run_name=dit_small",
 )
 

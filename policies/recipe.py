@@ -75,7 +75,9 @@ class PolicyRecipe:
         """What a resume must match: the policy's saved configuration and the data settings (root resolved)."""
         model = {"type": getattr(self.policy, "type_name", type(self.policy).__qualname__),
                  "init": {k: config_to_dict(v) for k, v in self.policy.init_kwargs().items()}}
-        return {"model": model, "data": {**asdict(self.data), "root": str(Path(self.data.root).resolve())}}
+        # data.cache is left out: the packed cache gives exactly the npz samples, so a run may switch between them.
+        data = {k: v for k, v in asdict(self.data).items() if k != "cache"}
+        return {"model": model, "data": {**data, "root": str(Path(self.data.root).resolve())}}
 
     def eval_command(self, checkpoint: str) -> str:
         agent = "oracle_subgoal_policy" if self.policy.config.use_goal else "flat_policy"

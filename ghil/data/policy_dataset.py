@@ -5,6 +5,9 @@ A sample is the observation at frame f (each camera, proprioception), a goal ima
 dataset is restricted to annotated windows, and the ``chunk_len`` actions starting at f. Chunks that run past the
 end of the episode are padded with the last action and masked out of the loss (``action_mask``).
 
+With ``config.cache`` (a ``ghil pack`` folder) frames come from memory-mapped arrays instead of the npz files: the
+same samples, index, goal draws and statistics, without decompressing anything (``ghil/data/packed.py``).
+
 Per-episode vectors (actions, proprioception) are read once and cached: they are small, and a chunk needs 16+ of
 them per sample. Nothing here imports torch except ``collate_policy``.
 
@@ -42,6 +45,7 @@ class PolicyDataConfig:
     proprio_key: str = "robot_obs"
     seed: int = 0
     max_stat_frames: int | None = 200_000  # frames (whole episodes, evenly spread) used for normaliser statistics
+    cache: str | None = None  # a `ghil pack` folder (<root>/packed): read memory-mapped arrays, not the npz frames
 
     def __post_init__(self) -> None:
         lo, hi = (int(v) for v in self.goal_horizon)
@@ -64,10 +68,15 @@ class PolicyDataset:
         self.goal_camera = goal_camera
         self.action_key = action_key
         self.chunk_len = int(chunk_len)
-        self.frames = CalvinDataset(config.root, config.split, keys=(*self.cameras, config.proprio_key),
-                                    window_len=1, lang_only=config.lang_only,
-                                    goal_horizon=config.goal_horizon if goal_camera else None,
-                                    goal_keys=(goal_camera,) if goal_camera else (), seed=config.seed)
+        common = dict(keys=(*self.cameras, config.proprio_key), lang_only=config.lang_only,
+                      goal_horizon=config.goal_horizon if goal_camera else None,
+                      goal_keys=(goal_camera,) if goal_camera else (), seed=config.seed)
+        if config.cache:  # the same samples, from the checked memory-mapped cache (ghil/data/packed.py)
+            from ghil.data.packed import PackedFrames
+
+            self.frames = PackedFrames(config.root, config.split, config.cache, **common)
+        else:
+            self.frames = CalvinDataset(config.root, config.split, window_len=1, **common)
         self._check_action_key()
         self._vectors: dict[tuple[int, str], np.ndarray] = {}
 
