@@ -3,7 +3,8 @@
 A checkpoint folder::
 
     config.json        {"type": "dit", "format_version": 1, "weights_sha256": "<64 hex digits>",
-                        "init": {"config": {"type": "dit_config", ...}, "sampler": {"type": "ddim", ...}}}
+                        "init": {"config": {"type": "dit_config", ...}, "sampler": {"type": "ddim", ...}},
+                        "init_sha256": "<64 hex digits>"}
     model.safetensors  every parameter and buffer (normaliser statistics included); nothing is pickled
 
 ``weights_sha256`` is the SHA-256 of ``model.safetensors`` as written by ``save_pretrained`` (weights first, then
@@ -16,6 +17,9 @@ wrong, before any weight reaches the model:
 
 - the folder and ``config.json`` exist, the config is JSON with ``type`` and ``init``, and ``format_version`` is an
   integer (not a bool) in ``[1, FORMAT_VERSION]``;
+- ``type`` and ``init`` (the model's settings) hash to ``init_sha256``, before anything is built from them: an
+  edited or corrupted setting (another sampler step count, a bumped width) is refused like a flipped weight, since
+  the weights were trained with the recorded settings. A config without the field loads with a logged warning;
 - the checkpoint's type is the requested one (or a registered / entry-point type for ``load_pretrained``), and its
   config has no field the code does not know;
 - ``model.safetensors`` hashes to ``weights_sha256`` (streamed, ~1 ms per MB): a flipped byte, a truncated file or
@@ -58,6 +62,8 @@ FORMAT_VERSION = 1  # the integrity hash is an added field: version-1 readers ig
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HASH_KEY = "weights_sha256"  # config.json field: SHA-256 (hex) of WEIGHTS_FILE
+# config.json field: SHA-256 (hex) of the canonical JSON of the model's "type" and "init" (what rebuilds the model)
+INIT_HASH_KEY = "init_sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
@@ -157,14 +163,40 @@ def _read_config(path: Path) -> dict:
         raise CheckpointError(f"{file} is not valid JSON (corrupted checkpoint?): {err}") from err
     if not isinstance(meta, dict) or "type" not in meta or "init" not in meta:
         raise CheckpointError(f"{file} lacks the 'type'/'init' fields of a ghil checkpoint config")
+    if not isinstance(meta["type"], str) or not isinstance(meta["init"], dict):
+        raise CheckpointError(f"{file}: 'type' must be a string and 'init' an object of constructor arguments, got "
+                              f"{type(meta['type']).__name__} and {type(meta['init']).__name__}")
     version = meta.get("format_version")
     if type(version) is not int or not 1 <= version <= FORMAT_VERSION:  # type(): True/False are ints too
         raise CheckpointError(f"{file} has format_version {version!r}; this code reads integer versions 1 to "
                               f"{FORMAT_VERSION} (a checkpoint from newer code, or a damaged config?)")
-    if HASH_KEY in meta and not (isinstance(meta[HASH_KEY], str) and _HEX64.fullmatch(meta[HASH_KEY])):
-        raise CheckpointError(f"{file} has {HASH_KEY} {meta[HASH_KEY]!r}, not 64 lowercase hex digits (a damaged or "
-                              "hand-edited config?)")
+    for key in (HASH_KEY, INIT_HASH_KEY):
+        if key in meta and not (isinstance(meta[key], str) and _HEX64.fullmatch(meta[key])):
+            raise CheckpointError(f"{file} has {key} {meta[key]!r}, not 64 lowercase hex digits (a damaged or "
+                                  "hand-edited config?)")
     return meta
+
+
+def init_sha256(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint config's ``type`` and ``init`` as canonical JSON (sorted keys, no whitespace)."""
+    canonical = json.dumps({"type": meta["type"], "init": meta["init"]}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def verify_init_sha256(meta: Mapping[str, Any], path: Path) -> None:
+    """CheckpointError when config.json's ``type``/``init`` no longer hash to its ``init_sha256`` (a checkpoint
+    without the field, written before it existed, passes with a logged warning)."""
+    expected = meta.get(INIT_HASH_KEY)
+    if expected is None:
+        log.warning("%s has no %s (written before ghil stored it): its model settings are used unverified; re-save "
+                    "it with save_pretrained to add one", path / CONFIG_FILE, INIT_HASH_KEY)
+        return
+    actual = init_sha256(meta)
+    if actual != expected:
+        raise CheckpointError(f"{path / CONFIG_FILE}: the model settings ('type'/'init') were modified or corrupted "
+                              f"after the checkpoint was saved: they hash to {actual}, the config records "
+                              f"{INIT_HASH_KEY} {expected}; the weights were trained with the recorded settings, "
+                              "refusing the changed ones (a deliberate change needs a re-save with save_pretrained)")
 
 
 def file_sha256(file: str | os.PathLike) -> str:
@@ -263,6 +295,7 @@ class PretrainedMixin:
         digest = write_weights(self.state_dict(), path / WEIGHTS_FILE, {"type": self.type_name,
                                                                         "format_version": str(FORMAT_VERSION)})
         meta = {"type": self.type_name, "format_version": FORMAT_VERSION, HASH_KEY: digest, "init": init}
+        meta[INIT_HASH_KEY] = init_sha256(meta)
         tmp = path / f".{CONFIG_FILE}.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path / CONFIG_FILE)
@@ -277,6 +310,8 @@ class PretrainedMixin:
         if cls.type_name and meta["type"] != cls.type_name:
             raise CheckpointError(f"{path} holds a {meta['type']!r} checkpoint, not {cls.type_name!r} "
                                   f"({cls.__qualname__}); load it with ghil.checkpoint.load_pretrained")
+        # Before anything is built from them: changed settings could describe another (or an enormous) network.
+        verify_init_sha256(meta, path)
         target = cls if cls.type_name else _model_class(meta["type"], path)
         try:
             kwargs = {k: config_from_dict(v) for k, v in meta["init"].items()}

@@ -46,6 +46,10 @@ from ghil.nn.encoders import (
 from policies.shortcut import ShortcutConfig
 
 TEXT_CONFIGS = (MiniLMConfig, ClipTextConfig, HashTextConfig)
+# Proprioception further than this many (normaliser) standard deviations from the training mean is refused as not a
+# robot state: 1e6 is far past any real state (even a dimension constant in the data, floored at MIN_SCALE = 1e-3,
+# allows 1 km), and far below where float32 activations overflow (~1e19).
+MAX_PROPRIO_Z = 1e6
 SAMPLER_CONFIGS = (DDIMConfig, ShortcutConfig)
 
 
@@ -213,8 +217,14 @@ class DiTNet(nn.Module):
 # -- the policy -------------------------------------------------------------------------------------------------
 
 
-def _to_tensor(x: Any) -> Tensor:
-    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+def _to_tensor(x: Any, name: str = "input") -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except Exception as err:  # strings, objects, ragged lists; an object's own __array__ may raise anything
+        raise TypeError(f"{name} must be a numeric array, got {type(x).__name__} ({type(err).__name__}: "
+                        f"{err})") from None
 
 
 @register("dit")
@@ -340,11 +350,30 @@ class DiTPolicy(PretrainedMixin, nn.Module):
                 raise ValueError(f"proprio must have shape {want}, got {tuple(proprio.shape)}")
             if not torch.isfinite(proprio).all():
                 raise ValueError(f"proprio contains NaN/inf values: {proprio.tolist() if not batched else '...'}")
+            self._check_proprio_range(proprio)
         if cfg.use_language and not batched:
             text = instructions[0] if instructions else None
             if not isinstance(text, str) or not text.strip():
                 raise ValueError("this policy is language-conditioned (use_language=True): Observation.instruction "
                                  "must be a non-empty string")
+
+    def _check_proprio_range(self, proprio: Tensor) -> None:
+        """Refuse proprioception no robot state can have (issue 10): more than ``MAX_PROPRIO_Z`` dataset standard
+        deviations from the mean, or beyond float32 (what the network computes in). Such values overflow inside
+        the network and would surface as NaN actions blamed on the weights."""
+        if not self.normalizer.is_fitted:
+            return  # sample_actions refuses an unfitted policy with its own message
+        as_float = proprio.to(torch.float32)
+        if not torch.isfinite(as_float).all():
+            raise ValueError(f"proprio has values beyond float32's range (|x| > 3.4e38), max |x| "
+                             f"{float(proprio.abs().max()):.3g}")
+        z = self.normalizer.encode("proprio", as_float).abs()
+        if bool((z > MAX_PROPRIO_Z).any()):
+            worst = z.reshape(-1, z.shape[-1]).amax(0)
+            idx = [int(i) for i in torch.nonzero(worst > MAX_PROPRIO_Z).flatten()]
+            raise ValueError(f"proprio is not a plausible robot state: dims {idx} lie more than {MAX_PROPRIO_Z:g} "
+                             f"training-data standard deviations from the mean (max {float(worst.max()):.3g}); "
+                             "check the units and the order of the 15 robot_obs values")
 
     # -- shared forward pieces ----------------------------------------------------------------------------------
 
@@ -471,11 +500,13 @@ class DiTPolicy(PretrainedMixin, nn.Module):
                       generator: torch.Generator | None = None) -> ActionChunk:
         """One chunk for one observation. ``goal``: (H, W, 3) uint8 image (None for no-goal policies)."""
         # Only the policy's cameras are read: a lazy camera mapping (the playtable's) renders nothing else.
-        images = {k: _to_tensor(obs.images[k]) for k in self.config.cameras if k in obs.images}
-        proprio = _to_tensor(obs.proprio)
+        images = {k: _to_tensor(obs.images[k], f"image {k!r}") for k in self.config.cameras if k in obs.images}
+        proprio = _to_tensor(obs.proprio, "proprio")
+        if proprio.is_complex() or proprio.dtype == torch.bool:  # .float() would drop the imaginary part silently
+            raise TypeError(f"proprio must hold real numbers, got dtype {proprio.dtype}")
         if not torch.is_floating_point(proprio):
             proprio = proprio.float()
-        goal_t = _to_tensor(goal) if goal is not None else None
+        goal_t = _to_tensor(goal, "goal") if goal is not None else None
         self._check_inputs(images, goal_t, proprio, [obs.instruction], batched=False)
         actions = self.sample_actions({k: v[None] for k, v in images.items()},
                                       goal_t[None] if goal_t is not None else None, proprio[None],

@@ -71,6 +71,7 @@ def test_corrupted_or_truncated_weights(saved):
 def test_other_architecture_names_the_keys(saved):
     meta = json.loads((saved / "config.json").read_text())
     meta["init"]["sampler"] = config_to_dict(DDIMConfig())  # no step-size embedding in a DDIM network
+    del meta["init_sha256"]  # an older, unhashed config (a hashed one is refused as modified before this check)
     (saved / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"unexpected keys: net\.step_size\.weight"):
         DiTPolicy.from_pretrained(saved)
@@ -79,6 +80,7 @@ def test_other_architecture_names_the_keys(saved):
 def test_unknown_config_fields_are_refused(saved):
     meta = json.loads((saved / "config.json").read_text())
     meta["init"]["config"]["warp_drive"] = True
+    del meta["init_sha256"]  # an older, unhashed config (a hashed one is refused as modified before this check)
     (saved / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="warp_drive"):
         DiTPolicy.from_pretrained(saved)

@@ -20,17 +20,15 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from ghil.paths import CONFIG_DIR
 from sim_eval.evaluation import evaluate
 from sim_eval.evaluation.evaluate import ConfigMismatchError, EvaluationError
-from sim_eval.evaluation.records import FAILURE_STUCK, ChainRecord
+from sim_eval.evaluation.records import FAILURE_STUCK
 from sim_eval.protocol.tasks import eval_instruction
+from test_evaluate import FAST, outcomes, read_jsonl, run  # the harness helpers, shared
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-FAST = ["agent=hold", "eval.ep_len=6", "eval.n_videos=0"]
 HOLD = "sim_eval.evaluation.agents.HoldAgent"
 # Chain 1's first subtask is turn_off_led (chains 0 and 2 start with other tasks): with the hold agent only chain 1
 # reaches it, and hangs at its step 2.
@@ -73,23 +71,6 @@ class TorchAgent:
 
     def step(self, obs, instruction):
         return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-
-
-def make_cfg(out_dir, *overrides: str):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("eval", overrides=[f"eval.out_dir={out_dir}", *overrides])
-
-
-def run(out_dir, *overrides: str) -> evaluate.EvalResult:
-    return evaluate.run(make_cfg(out_dir, *overrides))
-
-
-def outcomes(records) -> list[dict]:
-    return [r.outcome() for r in sorted(records, key=lambda r: r.chain_index)]
-
-
-def read_jsonl(path: Path) -> list[ChainRecord]:
-    return [ChainRecord.from_json(line) for line in path.read_text().splitlines()]
 
 
 def cli(out_dir, *overrides: str) -> subprocess.Popen:

@@ -330,6 +330,10 @@ class CalvinDataset:
                                "truncated or corrupt") from err
         self.stored_keys = stored
         missing = [k for k in dict.fromkeys([*frame_keys, *self.goal_keys]) if k not in stored]
+        promised = [k for k in missing if k in self._spec_layout]
+        if promised:  # the dataset's stored FrameSpec says every frame has them: this file is damaged
+            raise DatasetError(f"{path} (frame {first_id}): key {promised[0]!r} is not stored although "
+                               f"{DATASET_META_FILE}'s frame spec promises it (this frame has {sorted(stored)})")
         if missing:
             hint = [k for k in missing if k in GHIL_EXTRA_KEYS]
             raise KeyError(f"{missing} not stored in {self.split_dir} (frames have {sorted(stored)})"

@@ -90,12 +90,25 @@ _NOT_NUMBERS_HINT = ("pass real numbers (int or float): strings, even numeric on
                      "are refused")
 
 
+def _leaves(values: Any) -> list:
+    """The scalars of a nested list/tuple, in numpy's flat order."""
+    out: list = []
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, tuple)):
+            stack.extend(reversed(v))
+        else:
+            out.append(v)
+    return out
+
+
 def _real_array(values: Any, what: str, error: type[ValueError], must: str = "numbers") -> np.ndarray:
     """``values`` as a fresh float64 array, refusing anything that is not made of real numbers (see module doc)."""
     try:
         raw = np.asarray(values)
-    except (TypeError, ValueError) as exc:  # ragged nesting, or an object numpy cannot take
-        raise error(f"{what} must be {must}, got {values!r} ({exc})") from None
+    except Exception as exc:  # ragged nesting, or an object numpy cannot take (its __array__ may raise anything)
+        raise error(f"{what} must be {must}, got {values!r} ({type(exc).__name__}: {exc})") from None
     kind = raw.dtype.kind
     if kind == "O":  # a list mixing numpy scalars, tensors, None, ...: check each item
         items = raw.ravel()
@@ -105,8 +118,13 @@ def _real_array(values: Any, what: str, error: type[ValueError], must: str = "nu
                         f"flat index {bad[0]}; {_NOT_NUMBERS_HINT}")
         try:
             return np.array([float(v) for v in items], dtype=np.float64).reshape(raw.shape)
-        except (TypeError, ValueError) as exc:
-            raise error(f"{what} must be {must}, got {values!r} ({exc})") from None
+        except Exception as exc:  # an item's own __float__ may raise anything (a multi-element tensor, a bad object)
+            raise error(f"{what} must be {must}, got {values!r} ({type(exc).__name__}: {exc})") from None
+    if isinstance(values, (list, tuple)) and kind != "b":  # numpy turns a bool among numbers into 0.0 / 1.0
+        bools = [i for i, v in enumerate(_leaves(values)) if isinstance(v, (bool, np.bool_))]
+        if bools:
+            raise error(f"{what} must be {must}, got a bool at flat index {bools[0]} in {values!r}; "
+                        f"{_NOT_NUMBERS_HINT}")
     if kind not in _REAL_KINDS:
         described = {"U": "strings", "S": "bytes", "c": "complex numbers", "b": "bools"}.get(kind, f"dtype {raw.dtype}")
         raise error(f"{what} must be {must}, got {described} {values!r}; {_NOT_NUMBERS_HINT}")
@@ -193,7 +211,7 @@ def _flatten_pose_tuple(action: Any, what: str) -> np.ndarray:
     pos = _as_float_vector(pos, f"{what} position")
     orn = _as_float_vector(orn, f"{what} orientation")
     # calvin_env accepts a scalar or a 1-element array here; both normalise to one trailing value.
-    gripper = _as_float_vector(np.atleast_1d(gripper), f"{what} gripper")
+    gripper = np.atleast_1d(_real_array(gripper, f"{what} gripper", InvalidActionError))
     if pos.shape != (3,):
         raise InvalidActionError(f"{what}: the position must have 3 values (x, y, z), got {pos.shape[0]}")
     if orn.shape[0] not in (3, 4):
@@ -211,7 +229,7 @@ def _is_pose_tuple(action: Any) -> bool:
         return False
     try:
         return np.ndim(action[0]) == 1 and np.ndim(action[1]) == 1
-    except ValueError:  # a ragged item: not a pose tuple, the caller reports the shape problem
+    except Exception:  # a ragged item, or one numpy cannot convert: not a pose tuple, the caller reports it
         return False
 
 
@@ -296,6 +314,10 @@ def validate_action(action: Any) -> dict:
 # a state the world cannot be in (a drawer 5 m out, a joint at 1e6 rad, a block under the floor).
 STRICT_JOINT_TOLERANCE_RAD = 0.05
 STRICT_LENGTH_TOLERANCE_M = 0.01
+# Refused in both modes: no state of the world is a billion metres or radians away, and the physics overflows near
+# 1e306 (a drawer there reads back NaN; a joint at 9e307 turns NaN on the first step, and IK seeded with it never
+# returns). Lenient resets still teleport anywhere below it, as calvin_env.
+MAX_STATE_MAGNITUDE = 1e9
 
 
 def _strict_bounds() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -325,6 +347,11 @@ def _validate_state_vector(values: Any, size: int, name: str, fields: tuple[str,
     if bad.size:
         where = ", ".join(f"{name}[{i}] ({fields[i]}) = {arr[i]}" for i in bad)
         raise InvalidStateError(f"{name} has non-finite values (NaN or inf) at indices {bad.tolist()}: {where}")
+    huge = np.flatnonzero(np.abs(arr) > MAX_STATE_MAGNITUDE)
+    if huge.size:
+        where = ", ".join(f"{name}[{i}] ({fields[i]}) = {arr[i]:.6g}" for i in huge)
+        raise InvalidStateError(f"{name} has values beyond +-{MAX_STATE_MAGNITUDE:g} (m or rad), which no state of "
+                                f"the world has and the physics cannot simulate: {where}")
     if strict:
         out = np.flatnonzero((arr < low) | (arr > high))
         if out.size:
@@ -344,7 +371,7 @@ def validate_state_obs(robot_obs: Any = None, scene_obs: Any = None, *,
 
     ``None`` passes through as ``None`` (the env's default pose / scene). Always raises :class:`InvalidStateError`
     (a ``ValueError``) for a wrong shape, values that are not real numbers, a NaN/inf (naming the field and index,
-    e.g. ``scene_obs[1] (drawer)``), or a light state (``scene_obs[4]`` lightbulb, ``scene_obs[5]`` led) other
+    e.g. ``scene_obs[1] (drawer)``), a magnitude beyond ``MAX_STATE_MAGNITUDE`` (1e9), or a light state (``scene_obs[4]`` lightbulb, ``scene_obs[5]`` led) other
     than 0 or 1.
 
     ``strict=False`` (the default, as calvin_env) range-checks nothing else: any state calvin_env can teleport to

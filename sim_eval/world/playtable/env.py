@@ -38,8 +38,8 @@ class PlayTableEnv:
         """``strict_reset=True`` makes every :meth:`reset` refuse states the world cannot be in (joints beyond the
         Panda's limits, doors beyond their travel, blocks outside the workspace; see
         ``action_validation.validate_state_obs``). Off by default, as calvin_env, which teleports anywhere; a wrong
-        length, NaN/inf or a light other than 0/1 is refused in both modes. ``urdf_cache_dir``: where the generated
-        URDFs go (default: a private per-user folder in the temp dir); their content is checked on every reset.
+        length, NaN/inf, a magnitude beyond 1e9 or a light other than 0/1 is refused in both modes.
+        ``urdf_cache_dir``: where the generated URDFs go (default: a private per-user folder in the temp dir); their content is checked on every reset.
         ``visuals``: ``"default"`` is the look the shipped policies were trained on (unchanged to the bit);
         ``"layered"`` draws the same models with the static camera put together from cached layers (see
         ``layers.py``; a few pixels per frame differ from ``default``); ``"fast"`` is layered with cheaper models
