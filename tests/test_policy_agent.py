@@ -220,3 +220,16 @@ def test_policy_agent_runs_in_the_evaluation_loop(env):
     assert policy.calls == 3
     again = run_chain(env, agent, TaskOracle(), chain, mode="standard", ep_len=6, seed=0)
     assert again.subtasks == record.subtasks  # seeded per subtask: the second run repeats the first
+
+
+@pytest.mark.parametrize("env_name", ["playtable", "calvin"])
+def test_oracle_goals_are_rendered_by_a_copy_of_the_evaluated_env(env_name):
+    """agent=oracle_subgoal_policy builds its private goal env from the same env config as the evaluation, so
+    env=calvin gives calvin_env goals (same renderer, camera and size as the observations)."""
+    from hydra import compose, initialize_config_dir
+
+    from ghil.paths import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=["agent=oracle_subgoal_policy", f"env={env_name}", "env.static_size=64"])
+    assert cfg.agent.goals.env == cfg.env and cfg.agent.goals.env.static_size == 64
