@@ -1,6 +1,6 @@
 """Env step speed: physics only, and a full step with camera observations, for the playtable or the real calvin_env.
 
-The env is built from its Hydra config in ``configs/env/`` (``--env playtable`` or ``--env calvin``), reset to CALVIN's
+The env is built from its Hydra config in ``ghil/configs/env/`` (``--env playtable`` or ``--env calvin``), reset to CALVIN's
 neutral robot pose in an official initial scene, and stepped with small random relative actions (gripper open;
 ``--actions expert``: the scripted expert solving drawer, slider, button, switch and block tasks instead).
 Each step is timed on its own with ``time.perf_counter``; resets (every ``--reset-every`` steps, to keep the random
@@ -72,7 +72,7 @@ def parse_visuals(text: str) -> list[str]:
 
 def build_env(name: str, cameras: list[str], static_size: int | None, gripper_size: int | None,
               visuals: str | None = None):
-    """Instantiate ``configs/env/<name>.yaml`` with the chosen cameras (and sizes, visuals, when given)."""
+    """Instantiate ``ghil/configs/env/<name>.yaml`` with the chosen cameras (and sizes, visuals, when given)."""
     import hydra.utils
     from omegaconf import OmegaConf
 
@@ -206,7 +206,7 @@ def cpu_model() -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--env", choices=["playtable", "calvin"], default="playtable",
-                    help="which configs/env/<name>.yaml to build")
+                    help="which ghil/configs/env/<name>.yaml to build")
     ap.add_argument("--cameras", type=parse_cameras, default=list(CAMERAS),
                     help="cameras for the full step: 'static,gripper' (default), 'static', 'gripper' or 'none'")
     ap.add_argument("--static-size", type=int, default=None, help="override the config's static image size")
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     meta = {
         "env": args.env,
-        "config": f"configs/env/{args.env}.yaml",
+        "config": f"ghil/configs/env/{args.env}.yaml",
         "cameras": args.cameras,
         "image_sizes": sizes,
         "use_egl": bool(cfg.use_egl) if "use_egl" in cfg else None,

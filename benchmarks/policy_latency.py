@@ -11,7 +11,7 @@ the whole 2-core development machine; CALVIN's 30 Hz control leaves 33 ms per st
         --json outputs/latency_ddim.json
     python benchmarks/policy_latency.py --preset dit_base --sampler shortcut --steps 1 2 4 --calls 50
 
-``--preset`` times an *untrained* policy built from ``configs/policy/<preset>.yaml`` (for sizes with no trained
+``--preset`` times an *untrained* policy built from ``ghil/configs/policy/<preset>.yaml`` (for sizes with no trained
 checkpoint, such as ``dit_base``): the weights do not change the arithmetic, so the latency is the trained model's.
 """
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", default="checkpoints/dit_small", help="checkpoint folder (config.json + "
                         "model.safetensors)")
     parser.add_argument("--preset", default=None, help="time an untrained policy of this preset instead "
-                        "(configs/policy/<preset>.yaml, e.g. dit_base)")
+                        "(ghil/configs/policy/<preset>.yaml, e.g. dit_base)")
     parser.add_argument("--sampler", default="shortcut", help="sampler config for --preset (shortcut | ddim)")
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="sampler step counts (default: 1 2 4 for shortcut models, 10 for DDIM)")

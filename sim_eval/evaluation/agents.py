@@ -1,5 +1,5 @@
 """Agents for ``ghil eval``: everything here satisfies ``ghil.interfaces.CalvinAgent`` and is built from
-``configs/agent/<name>.yaml``.
+``ghil/configs/agent/<name>.yaml``.
 
 * ``ExpertAgent`` (``agent=expert``): the scripted expert behind the CalvinBaseModel interface. Privileged: it reads
   ``robot_obs`` and ``scene_obs`` (never the simulator), and maps the instruction back to its task through every

@@ -24,7 +24,7 @@ Usage::
         obs, reward, done, info = env.step([0, 0, -1, 0, 0, 0, 1])   # 7-vector: relative, gripper +-1
         rgb = obs["rgb_obs"]["rgb_static"]                   # (200, 200, 3) uint8
 
-or, from Hydra, ``hydra.utils.instantiate(OmegaConf.load("configs/env/calvin.yaml"))``.
+or, from Hydra, ``hydra.utils.instantiate(OmegaConf.load(ghil.paths.CONFIG_DIR / "env" / "calvin.yaml"))``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _private_hydra(config_dir: Path):
     """Initialise Hydra on ``config_dir`` without disturbing a Hydra app that may already be running.
 
     ``hydra.initialize_config_dir`` refuses to run while GlobalHydra is initialised, which it is inside any
-    ``@hydra.main`` program (e.g. ``ghil eval`` instantiating ``configs/env/calvin.yaml``). So we park the running
+    ``@hydra.main`` program (e.g. ``ghil eval`` instantiating ``ghil/configs/env/calvin.yaml``). So we park the running
     app's GlobalHydra and VersionBase singletons, compose on a fresh one, and put the originals back.
     """
     from hydra import initialize_config_dir
