@@ -10,6 +10,7 @@ installed package, so it runs from any folder), so every setting can be overridd
     ghil eval agent=expert eval.n_chains=100    # CALVIN evaluation (first 100 official chains)
     ghil eval merge outputs/eval/<run> out=outputs/eval/<run>/merged    # merge shards (plain argparse)
     ghil pack data.root=data/playtable_play     # memory-mapped training cache -> data/playtable_play/packed
+    ghil featurize data.root=data/playtable_play encoder.path=ghil/checkpoints/dit_small featurize.n_views=4
     ghil train policy=dit_small sampler=shortcut data.root=data/playtable_play    # resumes when re-run
 
 A command whose module needs a missing optional dependency (torch for ``ghil train``) stops with one line naming
@@ -34,6 +35,7 @@ COMMANDS = {
     "collect": ("sim_eval.demonstrations.collect:run", "collect CALVIN-format demonstration data with the scripted expert"),
     "eval": ("sim_eval.evaluation.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
     "pack": ("ghil.data.packed:run", "repack a dataset's splits into the memory-mapped training cache (data.root=...)"),
+    "featurize": ("ghil.data.features:run", "cache a frozen checkpoint's image-encoder tokens beside a pack (encoder.path=...)"),
     "train": ("ghil.train:run", "train a low-level policy (policy=dit_small sampler=ddim|shortcut data.root=...)"),
 }
 

@@ -117,6 +117,11 @@ class PolicyBatch:
     action_mask: Tensor  # (B, chunk_len) bool; False for steps past the end of the episode (padding)
     goal: Tensor | None = None  # (B, H, W, 3) uint8 goal image from the same trajectory, or None
     instructions: tuple[str | None, ...] | None = None  # B language instructions (None: no annotation)
+    # Frozen-encoder training (``data.features``, ghil/data/features.py): per-camera (B, n_tokens, width) tokens of
+    # the frozen image encoders, and the goal encoder's (B, n_tokens, width); the policy then reads no pixels
+    # (``images`` is empty and ``goal`` None).
+    features: dict[str, Tensor] | None = None
+    goal_features: Tensor | None = None
 
     @property
     def batch_size(self) -> int:

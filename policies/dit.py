@@ -331,19 +331,21 @@ class DiTPolicy(PretrainedMixin, nn.Module):
                              f"{tuple(image.shape)} (resize frames to the policy's image_sizes)")
 
     def _check_inputs(self, images: Mapping[str, Tensor], goal: Tensor | None, proprio: Tensor,
-                      instructions: Sequence[str | None] | None, batched: bool) -> None:
+                      instructions: Sequence[str | None] | None, batched: bool, check_images: bool = True) -> None:
         cfg = self.config
-        missing = [c for c in cfg.cameras if c not in images]
-        if missing:
-            raise KeyError(f"missing camera(s) {missing}; the policy needs {list(cfg.cameras)}, got {sorted(images)}")
-        for cam in cfg.cameras:
-            self._check_image(cam, images[cam], cfg.image_size[cam], batched)
-        if cfg.use_goal:
-            if goal is None:
-                raise ValueError("this policy is goal-conditioned (use_goal=True) but no goal image was given")
-            self._check_image("goal", goal, cfg.image_size[cfg.goal_camera], batched)
-        elif goal is not None:
-            raise ValueError("this policy takes no goal image (use_goal=False); pass goal=None")
+        if check_images:  # False for a batch of cached encoder tokens (PolicyBatch.features)
+            missing = [c for c in cfg.cameras if c not in images]
+            if missing:
+                raise KeyError(f"missing camera(s) {missing}; the policy needs {list(cfg.cameras)}, got "
+                               f"{sorted(images)}")
+            for cam in cfg.cameras:
+                self._check_image(cam, images[cam], cfg.image_size[cam], batched)
+            if cfg.use_goal:
+                if goal is None:
+                    raise ValueError("this policy is goal-conditioned (use_goal=True) but no goal image was given")
+                self._check_image("goal", goal, cfg.image_size[cfg.goal_camera], batched)
+            elif goal is not None:
+                raise ValueError("this policy takes no goal image (use_goal=False); pass goal=None")
         if cfg.use_proprio:
             want = (proprio.shape[0], cfg.proprio_dim) if batched else (cfg.proprio_dim,)
             if tuple(proprio.shape) != want:
@@ -392,13 +394,27 @@ class DiTPolicy(PretrainedMixin, nn.Module):
                 out[cam] = self.augment(x, size) if train else resize(x, size)
         return out
 
+    def image_tokens(self, prepared: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The image encoders: camera (and ``"__goal__"``) -> (B, n_tokens, W) tokens. ``ghil featurize`` caches
+        exactly these, so frozen-encoder training (``PolicyBatch.features``) and run time see the same tokens."""
+        cfg = self.config
+        out = {cam: self.camera_encoders[cam](prepared[cam]) for cam in cfg.cameras}
+        if cfg.use_goal:
+            out["__goal__"] = self.goal_encoder(prepared["__goal__"])
+        return out
+
     def _condition(self, prepared: Mapping[str, Tensor], proprio: Tensor | None,
                    instructions: Sequence[str | None] | None) -> Tensor:
         """Encoder pass: (B, depth, W) conditions."""
+        return self._condition_from_tokens(self.image_tokens(prepared), proprio, instructions)
+
+    def _condition_from_tokens(self, image_tokens: Mapping[str, Tensor], proprio: Tensor | None,
+                               instructions: Sequence[str | None] | None) -> Tensor:
+        """Transformer encoder over the image tokens (from ``image_tokens`` or a feature cache) and the others."""
         cfg = self.config
-        tokens = [self.camera_encoders[cam](prepared[cam]) for cam in cfg.cameras]
+        tokens = [image_tokens[cam] for cam in cfg.cameras]
         if cfg.use_goal:
-            tokens.append(self.goal_encoder(prepared["__goal__"]))
+            tokens.append(image_tokens["__goal__"])
         b = tokens[0].shape[0]
         if cfg.use_proprio:
             tokens.append(self.proprio_in(self.normalizer.encode("proprio", proprio.float()))[:, None])
@@ -420,16 +436,70 @@ class DiTPolicy(PretrainedMixin, nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------------
 
+    # -- frozen-encoder mode (issue 11, option a) -----------------------------------------------------------------
+
+    def freeze_image_encoders(self) -> None:
+        """Stop training the camera and goal encoders (the trainer optimises only parameters with gradients)."""
+        for module in (*self.camera_encoders.values(), self.goal_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+
+    def load_image_encoders(self, source: DiTPolicy) -> None:
+        """Copy ``source``'s camera and goal encoder weights (a checkpoint of the same encoder settings)."""
+        mine, theirs = self.config, source.config
+        keys = ("cameras", "image_sizes", "encoder_sizes", "image_encoder", "width", "use_goal", "goal_camera")
+        diff = [k for k in keys if getattr(mine, k) != getattr(theirs, k)]
+        if diff:
+            raise ValueError(f"the encoder checkpoint's {diff} differ from this policy's: "
+                             f"{[getattr(theirs, k) for k in diff]} vs {[getattr(mine, k) for k in diff]}")
+        self.camera_encoders.load_state_dict(source.camera_encoders.state_dict())
+        if self.goal_encoder is not None:
+            self.goal_encoder.load_state_dict(source.goal_encoder.state_dict())
+
+    def _feature_tokens(self, batch: PolicyBatch) -> dict[str, Tensor]:
+        """Check and return ``batch.features`` (+ ``goal_features``) as float (B, n_tokens, W) tokens."""
+        cfg = self.config
+        feats = dict(batch.features)
+        missing = [c for c in cfg.cameras if c not in feats]
+        if missing:
+            raise KeyError(f"batch features lack camera(s) {missing}; the policy needs {list(cfg.cameras)}")
+        if cfg.use_goal:
+            if batch.goal_features is None:
+                raise ValueError("this policy is goal-conditioned: a batch with features needs goal_features")
+            feats["__goal__"] = batch.goal_features
+        elif batch.goal_features is not None:
+            raise ValueError("this policy takes no goal (use_goal=False); goal_features must be None")
+        b = batch.batch_size
+        out = {}
+        for name, value in feats.items():
+            if name not in (*cfg.cameras, "__goal__"):
+                continue
+            if value.ndim != 3 or value.shape[0] != b or value.shape[2] != cfg.width:
+                raise ValueError(f"features {name!r} must be (B={b}, n_tokens, width={cfg.width}), got "
+                                 f"{tuple(value.shape)}")
+            if not torch.is_floating_point(value) or not torch.isfinite(value).all():
+                raise ValueError(f"features {name!r} must be finite floats (a damaged feature cache?)")
+            out[name] = value.float()
+        return out
+
     def loss(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, float]]:
         cfg = self.config
-        self._check_inputs(batch.images, batch.goal, batch.proprio, batch.instructions, batched=True)
+        use_features = batch.features is not None
+        # Frozen-encoder training: cached tokens, no pixels, no augmentation (the augmented views are cached).
+        self._check_inputs(batch.images, batch.goal, batch.proprio, batch.instructions, batched=True,
+                           check_images=not use_features)
         if tuple(batch.actions.shape[1:]) != (cfg.chunk_len, cfg.action_dim):
             raise ValueError(f"batch actions must be (B, {cfg.chunk_len}, {cfg.action_dim}) for the "
                              f"{cfg.action_space} action space, got {tuple(batch.actions.shape)}")
         if not torch.isfinite(batch.actions).all():
             raise ValueError("batch actions contain NaN/inf values")
-        prepared = self._prepare(batch.images, batch.goal, train=self.training)
-        cond = self._condition(prepared, batch.proprio, batch.instructions)
+        prepared: dict[str, Tensor] = {}
+        if use_features:
+            image_tokens = self._feature_tokens(batch)
+        else:
+            prepared = self._prepare(batch.images, batch.goal, train=self.training)
+            image_tokens = self.image_tokens(prepared)
+        cond = self._condition_from_tokens(image_tokens, batch.proprio, batch.instructions)
         x1 = self.normalizer.encode("actions", batch.actions.float())
 
         def denoise(x: Tensor, t: Tensor, k: Tensor | None) -> Tensor:
@@ -444,9 +514,12 @@ class DiTPolicy(PretrainedMixin, nn.Module):
                 n = x.shape[0]  # samplers bootstrap from the first n rows of the batch
                 if n not in cache:
                     with torch.no_grad():
-                        cache[n] = ema._condition({k_: v[:n] for k_, v in prepared.items()},
-                                                  batch.proprio[:n], None if batch.instructions is None
-                                                  else batch.instructions[:n])
+                        # The EMA network's own encoders (equal to the live ones when those are frozen).
+                        tokens = ({k_: v[:n] for k_, v in image_tokens.items()} if use_features else
+                                  ema.image_tokens({k_: v[:n] for k_, v in prepared.items()}))
+                        cache[n] = ema._condition_from_tokens(tokens, batch.proprio[:n],
+                                                              None if batch.instructions is None
+                                                              else batch.instructions[:n])
                 return ema.net(x, t, k, cache[n])
 
         loss, metrics = self.sampler.loss(denoise, target_denoise, x1, batch.action_mask)

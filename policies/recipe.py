@@ -9,6 +9,12 @@ policy's saved configuration and the data settings, ``data.root`` resolved) and 
 checkpoints (``agent=oracle_subgoal_policy`` for goal-conditioned policies, ``agent=flat_policy`` for
 language-only ones).
 
+``data.features=<ghil featurize folder>`` trains with frozen encoders (issue 11, option a): the policy's camera
+and goal encoders are loaded from the checkpoint the cache was built with (its ``weights_sha256`` checked) and
+frozen, the samples carry the cached tokens instead of pixels (validation uses view 0, the un-augmented one), and
+only the transformer, the token embeddings and the decoder train. The saved checkpoint holds those encoders, so at
+run time ``predict_chunk`` encodes the pixels with the same frozen weights.
+
 Usage::
 
     ghil train policy=dit_small sampler=shortcut data.root=data/playtable_play run_name=dit_small    # recipe=policy
@@ -44,9 +50,23 @@ class PolicyRecipe:
 
     def dataset(self, split: str) -> PolicyDataset:
         pc = self.policy.config
+        features = {}
+        if self.data.features:
+            features = {"policy": self.policy, "feature_view": None if split == self.data.split else 0}
         return PolicyDataset(replace(self.data, split=split), cameras=pc.cameras,
                              goal_camera=pc.goal_camera if pc.use_goal else None,
-                             action_key=self.policy.space.dataset_key, chunk_len=pc.chunk_len)
+                             action_key=self.policy.space.dataset_key, chunk_len=pc.chunk_len, **features)
+
+    def load_frozen_encoders(self, dataset: PolicyDataset) -> None:
+        """Frozen-encoder mode: the encoders the feature cache was built with, loaded and frozen."""
+        from ghil.data.features import load_encoder_checkpoint
+
+        path = dataset.features.check_encoder()  # refused when the checkpoint's weights changed since
+        source, _ = load_encoder_checkpoint(path)
+        self.policy.load_image_encoders(source)
+        self.policy.freeze_image_encoders()
+        log.info("frozen-encoder training: image encoders from %s (frozen), tokens from %s", path,
+                 dataset.features.folder)
 
     def check_frame_sizes(self, dataset: PolicyDataset) -> None:
         """Refuse data whose frames are not the policy's ``image_sizes``, naming the collect settings that fit."""
@@ -89,7 +109,10 @@ class PolicyRecipe:
             log.warning("language-conditioned policy trained on all windows: unannotated samples get the "
                         "no-language token")
         dataset = self.dataset(self.data.split)
-        self.check_frame_sizes(dataset)
+        if self.data.features:
+            self.load_frozen_encoders(dataset)  # frame sizes: checked against the cache's encoder settings
+        else:
+            self.check_frame_sizes(dataset)
         val_dataset = None
         if self.data.val_split and (Path(self.data.root) / self.data.val_split).is_dir():
             val_dataset = self.dataset(self.data.val_split)

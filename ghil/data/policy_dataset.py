@@ -8,6 +8,12 @@ end of the episode are padded with the last action and masked out of the loss (`
 With ``config.cache`` (a ``ghil pack`` folder) frames come from memory-mapped arrays instead of the npz files: the
 same samples, index, goal draws and statistics, without decompressing anything (``ghil/data/packed.py``).
 
+With ``config.features`` (a ``ghil featurize`` folder) a sample carries no pixels: ``features`` (camera -> the
+frozen encoder's (n_tokens, width) float16 tokens of frame f) and ``goal_features`` (the goal encoder's tokens of the
+goal frame), each from one of the cache's K views, drawn independently per source and sample, seeded per
+(seed, epoch, idx) (``feature_view=v`` pins view v, e.g. 0 = un-augmented for validation). The frames, goal draws
+and statistics are those of the pixel path (``ghil/data/features.py``).
+
 Per-episode vectors (actions, proprioception) are read once and cached: they are small, and a chunk needs 16+ of
 them per sample. Nothing here imports torch except ``collate_policy``.
 
@@ -46,6 +52,7 @@ class PolicyDataConfig:
     seed: int = 0
     max_stat_frames: int | None = 200_000  # frames (whole episodes, evenly spread) used for normaliser statistics
     cache: str | None = None  # a `ghil pack` folder (<root>/packed): read memory-mapped arrays, not the npz frames
+    features: str | None = None  # a `ghil featurize` folder (<root>/features): frozen-encoder tokens, no pixels
 
     def __post_init__(self) -> None:
         lo, hi = (int(v) for v in self.goal_horizon)
@@ -60,7 +67,7 @@ class PolicyDataset:
     """Map-style dataset of (observation, goal, instruction, action chunk) samples as numpy dicts."""
 
     def __init__(self, config: PolicyDataConfig, cameras: Sequence[str], goal_camera: str | None, action_key: str,
-                 chunk_len: int):
+                 chunk_len: int, feature_view: int | None = None, policy=None):
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
         self.config = config
@@ -68,9 +75,21 @@ class PolicyDataset:
         self.goal_camera = goal_camera
         self.action_key = action_key
         self.chunk_len = int(chunk_len)
-        common = dict(keys=(*self.cameras, config.proprio_key), lang_only=config.lang_only,
+        self.features = None
+        if config.features:  # tokens of a frozen encoder instead of pixels (ghil/data/features.py)
+            from ghil.data.features import FeatureSplit
+
+            self.features = FeatureSplit.open(config.root, config.split, config.features, policy=policy)
+            missing = [c for c in (*self.cameras, *(["goal"] if goal_camera else [])) if c not in self.features.arrays]
+            if missing:
+                raise KeyError(f"the feature cache {self.features.folder} has no tokens for {missing}")
+            if feature_view is not None and not 0 <= feature_view < self.features.n_views:
+                raise ValueError(f"feature_view {feature_view} not in 0..{self.features.n_views - 1}")
+        self.feature_view = feature_view
+        pixels = self.features is None
+        common = dict(keys=((*self.cameras,) if pixels else ()) + (config.proprio_key,), lang_only=config.lang_only,
                       goal_horizon=config.goal_horizon if goal_camera else None,
-                      goal_keys=(goal_camera,) if goal_camera else (), seed=config.seed)
+                      goal_keys=(goal_camera,) if goal_camera and pixels else (), seed=config.seed)
         if config.cache:  # the same samples, from the checked memory-mapped cache (ghil/data/packed.py)
             from ghil.data.packed import PackedFrames
 
@@ -78,6 +97,10 @@ class PolicyDataset:
         else:
             self.frames = CalvinDataset(config.root, config.split, window_len=1, **common)
         self._check_action_key()
+        if self.features is not None and not np.array_equal(self.features.episodes, self.frames.episodes):
+            raise ValueError(f"the feature cache {self.features.folder} lists other episodes than "
+                             f"{self.frames.split_dir}: rebuild it with {self.features.rebuild}")
+        self._offsets = np.r_[0, np.cumsum(self.frames.episodes[:, 1] - self.frames.episodes[:, 0] + 1)[:-1]]
         self._vectors: dict[tuple[int, str], np.ndarray] = {}
 
     def _check_action_key(self) -> None:
@@ -112,13 +135,26 @@ class PolicyDataset:
         if n_valid < self.chunk_len:  # past the episode's end: repeat the last action, masked out of the loss
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.chunk_len - n_valid, axis=0)])
         sample: dict[str, object] = {
-            "images": {cam: frame[cam][0] for cam in self.cameras},
+            "images": {cam: frame[cam][0] for cam in self.cameras} if self.features is None else {},
             "proprio": np.asarray(frame[self.config.proprio_key][0], dtype=np.float32),
             "actions": chunk.astype(np.float32),
             "action_mask": np.arange(self.chunk_len) < n_valid,
-            "goal": frame[f"goal_{self.goal_camera}"] if self.goal_camera else None,
+            "goal": frame[f"goal_{self.goal_camera}"] if self.goal_camera and self.features is None else None,
             "instruction": frame.get("ann"),
         }
+        if self.features is not None:
+            sources = (*self.cameras, *(["goal"] if self.goal_camera else []))
+            if self.feature_view is None:  # one view per source, independent (de-synchronised augmentation)
+                rng = np.random.default_rng((self.config.seed, self.frames.epoch, int(idx) % len(self), 1))
+                views = rng.integers(0, self.features.n_views, size=len(sources))
+            else:
+                views = [self.feature_view] * len(sources)
+            r = int(self._offsets[row]) + f
+            sample["features"] = {cam: np.array(self.features.arrays[cam][r, int(v)])
+                                  for cam, v in zip(self.cameras, views)}
+            if self.goal_camera:
+                g = int(self._offsets[row]) + int(frame["goal_frame_id"]) - start
+                sample["goal_features"] = np.array(self.features.arrays["goal"][g, int(views[-1])])
         return sample
 
 
@@ -148,6 +184,12 @@ def collate_policy(samples: Sequence[dict]):
     if samples[0]["goal"] is not None:
         goal = torch.from_numpy(np.stack([s["goal"] for s in samples]))
     instructions = tuple(s["instruction"] for s in samples)
+    features = goal_features = None
+    if samples[0].get("features") is not None:
+        features = {cam: torch.from_numpy(np.stack([s["features"][cam] for s in samples]))
+                    for cam in samples[0]["features"]}
+        if samples[0].get("goal_features") is not None:
+            goal_features = torch.from_numpy(np.stack([s["goal_features"] for s in samples]))
     return PolicyBatch(
         images={cam: torch.from_numpy(np.stack([s["images"][cam] for s in samples])) for cam in cameras},
         proprio=torch.from_numpy(np.stack([s["proprio"] for s in samples])),
@@ -155,4 +197,6 @@ def collate_policy(samples: Sequence[dict]):
         action_mask=torch.from_numpy(np.stack([s["action_mask"] for s in samples])),
         goal=goal,
         instructions=instructions if any(i is not None for i in instructions) else None,
+        features=features,
+        goal_features=goal_features,
     )
