@@ -144,6 +144,9 @@ class TrainingSetup:
     fingerprint: Mapping[str, Any] = field(default_factory=dict)
     # checkpoint path -> the command that evaluates it (printed at the end of `ghil train`); None: none.
     eval_command: Callable[[str], str] | None = None
+    # Re-applies what the recipe fixes in the model after init_from loaded another checkpoint's weights (the frozen
+    # image encoders a feature cache was made with); None: nothing to re-apply.
+    after_init_from: Callable[[], None] | None = None
 
 
 class ResumeMismatchError(CheckpointError):
@@ -642,6 +645,8 @@ def run(cfg) -> Path:
     fresh = latest_checkpoint(out_dir) is None or not train_cfg.resume
     if fresh and cfg.get("init_from"):
         init_from_checkpoint(setup.model, cfg.init_from)
+        if setup.after_init_from is not None:
+            setup.after_init_from()
     elif fresh and setup.fit_statistics is not None:
         setup.fit_statistics()
     if train_cfg.val_every is not None and setup.val_dataset is None:

@@ -444,6 +444,12 @@ class DiTPolicy(PretrainedMixin, nn.Module):
             if module is not None:
                 module.requires_grad_(False)
 
+    @property
+    def image_encoders_frozen(self) -> bool:
+        """True once ``freeze_image_encoders`` ran (no camera or goal encoder parameter takes gradients)."""
+        encoders = [*self.camera_encoders.values(), *([self.goal_encoder] if self.goal_encoder is not None else [])]
+        return not any(p.requires_grad for module in encoders for p in module.parameters())
+
     def load_image_encoders(self, source: DiTPolicy) -> None:
         """Copy ``source``'s camera and goal encoder weights (a checkpoint of the same encoder settings)."""
         mine, theirs = self.config, source.config

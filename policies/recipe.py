@@ -58,11 +58,22 @@ class PolicyRecipe:
                              action_key=self.policy.space.dataset_key, chunk_len=pc.chunk_len, **features)
 
     def load_frozen_encoders(self, dataset: PolicyDataset) -> None:
-        """Frozen-encoder mode: the encoders the feature cache was built with, loaded and frozen."""
+        """Frozen-encoder mode: the encoders the feature cache was built with, loaded and frozen. Called again after
+        ``init_from``: the cached tokens were made by these encoders, so they win over the checkpoint's (warned)."""
+        import torch
+
         from ghil.data.features import load_encoder_checkpoint
 
         path = dataset.features.check_encoder()  # refused when the checkpoint's weights changed since
         source, _ = load_encoder_checkpoint(path)
+        mine = {**self.policy.camera_encoders.state_dict(), **({} if self.policy.goal_encoder is None else {
+            f"goal.{k}": v for k, v in self.policy.goal_encoder.state_dict().items()})}
+        theirs = {**source.camera_encoders.state_dict(), **({} if source.goal_encoder is None else {
+            f"goal.{k}": v for k, v in source.goal_encoder.state_dict().items()})}
+        if self.policy.image_encoders_frozen and any(not torch.equal(mine[k], theirs[k]) for k in theirs):
+            log.warning("init_from's image encoders differ from the ones the feature cache %s was made with (%s); "
+                        "keeping the cache's encoders, frozen (re-run ghil featurize with encoder.path=<init_from> "
+                        "to train on init_from's)", dataset.features.folder, path)
         self.policy.load_image_encoders(source)
         self.policy.freeze_image_encoders()
         log.info("frozen-encoder training: image encoders from %s (frozen), tokens from %s", path,
@@ -121,4 +132,6 @@ class PolicyRecipe:
                      self.data.val_split)
         return TrainingSetup(model=self.policy, dataset=dataset, collate_fn=collate_policy, val_dataset=val_dataset,
                              fit_statistics=lambda: self.fit_statistics(dataset), fingerprint=self.fingerprint(),
-                             eval_command=self.eval_command)
+                             eval_command=self.eval_command,
+                             after_init_from=(lambda: self.load_frozen_encoders(dataset)) if self.data.features
+                             else None)

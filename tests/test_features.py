@@ -233,3 +233,29 @@ def test_frozen_encoder_training_then_pixels_at_run_time(setup):
                                              proprio=p["proprio"], t=0), goal=p["goal"], n_steps=1)
     assert chunk.actions.shape == (policy.config.chunk_len, 7)
     assert dataclasses.is_dataclass(chunk)
+
+
+def test_init_from_keeps_the_encoders_the_cache_was_made_with(setup, tmp_path, caplog):
+    """`ghil train init_from=<other checkpoint> data.features=...`: the cached tokens were made by the featurize
+    encoders, so those stay (frozen, with a warning); the rest of the model comes from init_from."""
+    from ghil.train import init_from_checkpoint
+
+    root, ckpt, encoder = setup
+    _build(root, ckpt)
+    torch.manual_seed(5)
+    other = DiTPolicy(tiny_config(), ShortcutConfig())  # same settings, other weights
+    other.fit_normalizer(fake_stats())
+    other_path = other.save_pretrained(tmp_path / "other")
+    torch.manual_seed(2)
+    policy = DiTPolicy(tiny_config(), ShortcutConfig())
+    setup_ = PolicyRecipe(policy, {"root": str(root), "cache": str(root / "packed"),
+                                   "features": str(root / "features"), "val_split": None}).build()
+    init_from_checkpoint(setup_.model, other_path)
+    with caplog.at_level("WARNING"):
+        setup_.after_init_from()
+    assert "differ from the ones the feature cache" in caplog.text
+    for k, v in encoder.camera_encoders.state_dict().items():
+        assert torch.equal(policy.camera_encoders.state_dict()[k], v)
+    for k, v in other.net.state_dict().items():  # the transformer comes from init_from
+        assert torch.equal(policy.net.state_dict()[k], v)
+    assert policy.image_encoders_frozen
