@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +40,13 @@ import numpy as np
 
 from ghil.data.calvin_format import DatasetError
 from ghil.data.packed import (
+    MANIFEST_FILE,
+    PROGRESS_FILE,
     PackedSplit,
-    _atomic_json,
     _atomic_npy,
     default_pack_dir,
+    open_build,
+    record_progress,
     source_identity,
 )
 
@@ -54,8 +56,6 @@ __all__ = ["FEATURES_VERSION", "FeatureSplit", "StaleFeaturesError", "build_feat
 log = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-PROGRESS_FILE = "progress.json"
 GOAL_KEY = "goal"
 BLOCK_FRAMES = 32  # frames encoded between two progress records
 ENCODE_BATCH = 64  # images per encoder call
@@ -199,25 +199,17 @@ def build_features(root: str | os.PathLike, split: str = "training", cache: str 
                 "n_views": int(n_views), "seed": int(seed), "encoder": encoder_identity(policy, encoder_path, sha),
                 "arrays": layout}
     folder = out / split
-    done = _resume_point(folder, manifest)
-    if done is None:
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        _atomic_json(folder / MANIFEST_FILE, manifest)
-        for key, lay in layout.items():  # preallocate each array file (header + zeros); filled block by block below
-            np.lib.format.open_memmap(folder / f"{key}.npy", mode="w+", dtype=np.float16,
-                                      shape=tuple(lay["shape"])).flush()
+    def write_fixed(folder: Path) -> None:
         _atomic_npy(folder / "frame_ids.npy", np.asarray(pack.frame_ids, np.int64))
         _atomic_npy(folder / "episodes.npy", np.asarray(pack.episodes, np.int64))
-        done = 0
-        _atomic_json(folder / PROGRESS_FILE, {"frames_done": 0, "complete": n == 0})
-    elif done == n:
+
+    arrays = {key: (tuple(lay["shape"]), lay["dtype"]) for key, lay in layout.items()}
+    done, maps = open_build(folder, manifest, arrays, "dataset, encoder or setting", write_fixed)
+    if done == n:
         log.info("%s is complete and matches %s and %s", folder, pack.folder, encoder_path)
         return folder
-    else:
+    if done:
         log.info("resuming %s at frame %d of %d", folder, done, n)
-    maps = {key: np.load(folder / f"{key}.npy", mmap_mode="r+") for key in sources}
     with torch.inference_mode():
         while done < n:
             stop = min(done + block_frames, n)
@@ -226,32 +218,9 @@ def build_features(root: str | os.PathLike, split: str = "training", cache: str 
                 maps[key][done:stop] = block[key]
                 maps[key].flush()
             done = stop
-            _atomic_json(folder / PROGRESS_FILE, {"frames_done": done, "complete": done == n})
+            record_progress(folder, done, n)
     del maps
     return folder
-
-
-def _resume_point(folder: Path, manifest: dict) -> int | None:
-    try:
-        old = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-        progress = json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if old != manifest:
-        if folder.exists():
-            log.warning("%s was built from another dataset, encoder or setting: rebuilding it", folder)
-        return None
-    done = progress.get("frames_done")
-    if not isinstance(done, int) or not 0 <= done <= manifest["n_frames"]:
-        return None
-    for key, lay in manifest["arrays"].items():
-        try:
-            arr = np.load(folder / f"{key}.npy", mmap_mode="r")
-        except (OSError, ValueError):
-            return None
-        if list(arr.shape) != lay["shape"] or arr.dtype.str != lay["dtype"]:
-            return None
-    return done
 
 
 @dataclass

@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,16 +158,7 @@ def build_pack(root: str | os.PathLike, split: str = "training", out: str | os.P
                 "source_root": str(root.resolve()), "source": source_identity(root, split), "n_frames": n,
                 "keys": plan, "lang": lang_path.is_file()}
 
-    done = _resume_point(folder, manifest)
-    if done is None:  # fresh (or stale) cache: start over
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        _atomic_json(folder / MANIFEST_FILE, manifest)
-        for key, layout in plan.items():
-            arr = np.lib.format.open_memmap(folder / f"{key}.npy", mode="w+", dtype=np.dtype(layout["dtype"]),
-                                            shape=(n, *layout["shape"]))
-            del arr
+    def write_fixed(folder: Path) -> None:
         _atomic_npy(folder / "frame_ids.npy", frame_ids)
         _atomic_npy(folder / "episodes.npy", episodes.astype(np.int64))
         if manifest["lang"]:
@@ -175,15 +166,14 @@ def build_pack(root: str | os.PathLike, split: str = "training", out: str | os.P
             _atomic_npy(folder / "lang_indx.npy", lang.indx.astype(np.int64))
             _atomic_npy(folder / "lang_emb.npy", lang.emb.astype(np.float32))
             _atomic_json(folder / LANG_TEXT_FILE, {"ann": list(lang.ann), "task": list(lang.task)})
-        done = 0
-        _atomic_json(folder / PROGRESS_FILE, {"frames_done": 0, "complete": n == 0})
-    elif done == n:
+
+    arrays = {key: ((n, *layout["shape"]), np.dtype(layout["dtype"]).str) for key, layout in plan.items()}
+    done, maps = open_build(folder, manifest, arrays, "dataset state or configuration", write_fixed)
+    if done == n:
         log.info("%s is complete and matches %s", folder, ds.split_dir)
         return folder
-    else:
+    if done:
         log.info("resuming %s at frame %d of %d", folder, done, n)
-
-    maps = {key: np.load(folder / f"{key}.npy", mmap_mode="r+") for key in plan}
     names = list(plan)
     while done < n:
         stop = min(done + block_frames, n)
@@ -194,13 +184,15 @@ def build_pack(root: str | os.PathLike, split: str = "training", out: str | os.P
         for arr in maps.values():
             arr.flush()
         done = stop
-        _atomic_json(folder / PROGRESS_FILE, {"frames_done": done, "complete": done == n})
+        record_progress(folder, done, n)
     del maps
     return folder
 
 
-def _resume_point(folder: Path, manifest: dict) -> int | None:
-    """Frames already written by a build of the same manifest; None when the folder must be (re)built."""
+def resume_point(folder: Path, manifest: dict, arrays: Mapping[str, tuple[tuple[int, ...], str]],
+                 what: str) -> int | None:
+    """Frames already written by a build of the same ``manifest``; None when the folder must be (re)built (another
+    manifest, unreadable progress, or an array file that is missing or of another shape/dtype)."""
     try:
         old = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         progress = json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
@@ -208,19 +200,47 @@ def _resume_point(folder: Path, manifest: dict) -> int | None:
         return None
     if old != manifest:
         if folder.exists():
-            log.warning("%s was built from another dataset state or configuration: rebuilding it", folder)
+            log.warning("%s was built from another %s: rebuilding it", folder, what)
         return None
     done = progress.get("frames_done")
     if not isinstance(done, int) or not 0 <= done <= manifest["n_frames"]:
         return None
-    for key, layout in manifest["keys"].items():  # a damaged array file: rebuild rather than write into it
+    for key, (shape, dtype) in arrays.items():  # a damaged array file: rebuild rather than write into it
         try:
             arr = np.load(folder / f"{key}.npy", mmap_mode="r")
         except (OSError, ValueError):
             return None
-        if arr.shape != (manifest["n_frames"], *layout["shape"]) or arr.dtype.str != layout["dtype"]:
+        if arr.shape != tuple(shape) or arr.dtype.str != dtype:
             return None
     return done
+
+
+def open_build(folder: Path, manifest: dict, arrays: Mapping[str, tuple[tuple[int, ...], str]], what: str,
+               write_fixed: Callable[[Path], None]) -> tuple[int, dict[str, np.ndarray]]:
+    """Start or resume a block-wise build of preallocated ``.npy`` arrays (``key -> (shape, dtype)``) in ``folder``.
+
+    A fresh (or stale) build removes the folder, writes the manifest, preallocates every array and calls
+    ``write_fixed(folder)`` for the small files written once; returns the frames already done and the arrays opened
+    for writing. The caller fills rows block by block and calls ``record_progress`` after each flushed block.
+    """
+    done = resume_point(folder, manifest, arrays, what)
+    if done is None:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        _atomic_json(folder / MANIFEST_FILE, manifest)
+        for key, (shape, dtype) in arrays.items():  # header + zeros, filled block by block
+            np.lib.format.open_memmap(folder / f"{key}.npy", mode="w+", dtype=np.dtype(dtype),
+                                      shape=tuple(shape)).flush()
+        write_fixed(folder)
+        done = 0
+        record_progress(folder, 0, manifest["n_frames"])
+    return done, {key: np.load(folder / f"{key}.npy", mmap_mode="r+") for key in arrays}
+
+
+def record_progress(folder: Path, done: int, n: int) -> None:
+    """Atomically record that rows ``[0, done)`` of every array are written and flushed."""
+    _atomic_json(folder / PROGRESS_FILE, {"frames_done": done, "complete": done == n})
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Read pickled ``.npy`` files (CALVIN's ``auto_lang_ann.npy``) without letting the file run code.
 
-CALVIN stores its language annotations as ``np.save`` of a dict, i.e. a pickle. ``np.load(allow_pickle=True)``
+CALVIN stores its language annotations as ``np.save`` of a dict, i.e. a pickle. ``np.load`` with pickles allowed
 would call whatever callable the file names, so a crafted dataset could run a command on the training machine.
 Here the pickle is read by an unpickler that resolves only the few numpy internals needed to rebuild arrays,
 dtypes and numpy scalars; dicts, lists, tuples, strings, bytes, numbers, bools and None need no lookup at all.
