@@ -21,7 +21,7 @@ A killed build resumes from ``progress.json`` (preallocated ``open_memmap`` file
 
 Usage::
 
-    build_features("data/play", "training", cache="data/play/packed", encoder_path="ghil/checkpoints/dit_small",
+    build_features("data/play", "training", cache="data/play/packed", encoder_path="checkpoints/dit_small",
                    n_views=4)                                   # -> data/play/features/training
     feats = FeatureSplit.open("data/play", "training", "data/play/features")
     feats.arrays["rgb_static"][row, view]                       # (n_tokens, width) float16
@@ -165,7 +165,7 @@ def _encoded_block(policy, pack: PackedSplit, rows: slice, n_views: int, seed: i
 
 
 def build_features(root: str | os.PathLike, split: str = "training", cache: str | os.PathLike | None = None,
-                   encoder_path: str | os.PathLike = "ghil/checkpoints/dit_small", out: str | os.PathLike | None = None,
+                   encoder_path: str | os.PathLike = "checkpoints/dit_small", out: str | os.PathLike | None = None,
                    n_views: int = 4, seed: int = 0, block_frames: int = BLOCK_FRAMES) -> Path:
     """Build (or resume, or rebuild when stale) the feature cache of ``split``; returns its folder."""
     import torch
