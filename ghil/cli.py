@@ -36,7 +36,7 @@ COMMANDS = {
     "eval": ("sim_eval.evaluation.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
     "pack": ("ghil.data.packed:run", "repack a dataset's splits into the memory-mapped training cache (data.root=...)"),
     "featurize": ("ghil.data.features:run", "cache a frozen checkpoint's image-encoder tokens beside a pack (encoder.path=...)"),
-    "train": ("ghil.train:run", "train a low-level policy (policy=dit_small sampler=ddim|shortcut data.root=...)"),
+    "train": ("ghil.train:run", "train a model through a recipe (recipe=policy: policy=dit_small sampler=shortcut|ddim data.root=...)"),
 }
 
 # (command, subcommand) -> "module:function" taking the remaining argv; plain argparse programs, not Hydra apps.
