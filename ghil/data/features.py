@@ -41,6 +41,7 @@ import numpy as np
 from ghil.data.calvin_format import DatasetError
 from ghil.data.packed import (
     MANIFEST_FILE,
+    MemmapFolder,
     PROGRESS_FILE,
     PackedSplit,
     _atomic_npy,
@@ -224,7 +225,7 @@ def build_features(root: str | os.PathLike, split: str = "training", cache: str 
 
 
 @dataclass
-class FeatureSplit:
+class FeatureSplit(MemmapFolder):
     """One split's feature cache, checked and memory-mapped."""
 
     folder: Path
@@ -309,16 +310,6 @@ class FeatureSplit:
                                      f"{'no checkpoint' if sha is None else 'weights ' + sha[:12]}: rebuild it with "
                                      f"{self.rebuild}")
         return path
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["arrays"] = {key: None for key in self.arrays}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.arrays = {key: np.load(self.folder / f"{key}.npy", mmap_mode="r", allow_pickle=False)
-                       for key in state["arrays"]}
 
 
 def _rel(path: str) -> str:

@@ -243,8 +243,26 @@ def record_progress(folder: Path, done: int, n: int) -> None:
     _atomic_json(folder / PROGRESS_FILE, {"frames_done": done, "complete": done == n})
 
 
+class MemmapFolder:
+    """Pickles as its folder and array names: DataLoader workers started by spawn re-open the memory maps
+    (``folder / <key>.npy``) instead of receiving a pickled copy of every frame."""
+
+    folder: Path
+    arrays: dict[str, np.ndarray]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["arrays"] = {key: None for key in self.arrays}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.arrays = {key: np.load(self.folder / f"{key}.npy", mmap_mode="r", allow_pickle=False)
+                       for key in state["arrays"]}
+
+
 @dataclass
-class PackedSplit:
+class PackedSplit(MemmapFolder):
     """One split's cache, checked and memory-mapped."""
 
     folder: Path
@@ -326,17 +344,6 @@ class PackedSplit:
             lang = LanguageAnnotations(indx=indx.reshape(-1, 2), ann=ann, task=task, emb=emb)
         return cls(folder=folder, manifest=manifest, arrays=arrays, frame_ids=frame_ids, episodes=episodes,
                    lang=lang)
-
-    def __getstate__(self) -> dict:
-        # DataLoader workers started by spawn get the memory maps re-opened, not a pickled copy of every frame.
-        state = dict(self.__dict__)
-        state["arrays"] = {key: None for key in self.arrays}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.arrays = {key: np.load(self.folder / f"{key}.npy", mmap_mode="r", allow_pickle=False)
-                       for key in state["arrays"]}
 
     def row_of(self, frame_id: int, episode_row: int) -> int:
         """Row of the arrays holding global ``frame_id`` of episode ``episode_row``."""
