@@ -4,11 +4,14 @@ Each command is a Hydra application whose primary config is ``ghil/configs/<comm
 installed package, so it runs from any folder), so every setting can be overridden on the command line and multirun
 (``-m``) works unchanged::
 
+    ghil run "open the drawer"                  # one instruction -> outputs/run/<name>/rollout.mp4, verdict.json
+    ghil bench agent=oracle_subgoal_policy --json    # per-stage latency percentiles, actions/s
     ghil demo                                   # scripted expert rollout -> outputs/demo/*.mp4
     ghil collect env=playtable collect.episodes=200 collect.workers=2
     ghil collect --cfg job                      # print the resolved config and exit
     ghil eval agent=expert eval.n_chains=100    # CALVIN evaluation (first 100 official chains)
     ghil eval merge outputs/eval/<run> out=outputs/eval/<run>/merged    # merge shards (plain argparse)
+    ghil dagger dagger.policy=checkpoints/dit_small dagger.out_dir=data/dagger/round_1    # expert-labelled rollouts
     ghil pack data.root=data/playtable_play     # memory-mapped training cache -> data/playtable_play/packed
     ghil featurize data.root=data/playtable_play encoder.path=ghil/checkpoints/dit_small featurize.n_views=4
     ghil train policy=dit_small sampler=shortcut data.root=data/playtable_play    # resumes when re-run
@@ -31,9 +34,12 @@ from ghil.paths import CONFIG_DIR
 
 # command -> "module:function" taking the composed DictConfig; imported lazily so `ghil --help` stays fast.
 COMMANDS = {
+    "run": ("sim_eval.evaluation.instruction_run:run", 'one instruction in the playtable: video + verdict (ghil run "open the drawer")'),
     "demo": ("sim_eval.evaluation.evaluate:run", "scripted expert on the first official chains, with videos (outputs/demo)"),
     "collect": ("sim_eval.demonstrations.collect:run", "collect CALVIN-format demonstration data with the scripted expert"),
     "eval": ("sim_eval.evaluation.evaluate:run", "CALVIN long-horizon evaluation of an agent (results.json, report.md)"),
+    "dagger": ("sim_eval.demonstrations.dagger:run", "on-policy rollouts labelled by the scripted expert, rounds that retrain (dagger.policy=...)"),
+    "bench": ("sim_eval.evaluation.bench:run", "per-stage latency (p50/p95) and actions/s of an agent in the playtable (--json)"),
     "pack": ("ghil.data.packed:run", "repack a dataset's splits into the memory-mapped training cache (data.root=...)"),
     "featurize": ("ghil.data.features:run", "cache a frozen checkpoint's image-encoder tokens beside a pack (encoder.path=...)"),
     "train": ("ghil.train:run", "train a model through a recipe (recipe=policy: policy=dit_small sampler=shortcut|ddim data.root=...)"),
@@ -41,12 +47,34 @@ COMMANDS = {
 
 # (command, subcommand) -> "module:function" taking the remaining argv; plain argparse programs, not Hydra apps.
 SUBCOMMANDS = {
+    "run": ("sim_eval.evaluation.instruction_run:run", 'one instruction in the playtable: video + verdict (ghil run "open the drawer")'),
     ("eval", "merge"): ("sim_eval.evaluation.evaluate:merge_main", "merge the shard folders of one evaluation"),
 }
 
 
+# command -> the setting its first bare argument sets (`ghil run "open the drawer"`).
+POSITIONAL = {"run": "run.instruction"}
+# (command, flag) -> the override it stands for (Hydra itself takes no such flags).
+FLAGS = {("bench", "--json"): "bench.json=true"}
+
+
+def _hydra_string(text: str) -> str:
+    """``text`` as one quoted Hydra override value (any quotes and backslashes escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def hydra_overrides(command: str, args: list[str]) -> list[str]:
+    """The command line after ``ghil <command>`` as Hydra overrides: a first bare argument becomes its
+    ``POSITIONAL`` setting, ``FLAGS`` become their overrides, the rest passes unchanged."""
+    if command in POSITIONAL and args and "=" not in args[0] and not args[0].startswith("-"):
+        args = [f"{POSITIONAL[command]}={_hydra_string(args[0])}", *args[1:]]
+    return [FLAGS.get((command, arg), arg) for arg in args]
+
+
 # What `ghil --help` shows (tests/test_install.py composes every one of them).
 EXAMPLES = (
+    'ghil run "open the drawer" agent=oracle_subgoal_policy',
+    "ghil bench agent=oracle_subgoal_policy bench.n_steps=100",
     "ghil demo eval.n_chains=2",
     "ghil collect collect.episodes=10 env.static_size=128 env.gripper_size=64",
     "ghil eval agent=oracle_subgoal_policy agent.n_steps=1 eval.n_chains=10 eval.workers=2",
@@ -108,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     command, overrides = argv[0], argv[1:]
+    overrides = hydra_overrides(command, overrides)
     if overrides and (command, overrides[0]) in SUBCOMMANDS:
         _load(SUBCOMMANDS[(command, overrides[0])][0], command)(overrides[1:])
         return

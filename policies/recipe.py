@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from ghil.checkpoint import config_to_dict
-from ghil.data.policy_dataset import PolicyDataConfig, PolicyDataset, collate_policy, compute_policy_stats
+from ghil.data.policy_dataset import (
+    ConcatPolicyDataset,
+    PolicyDataConfig,
+    PolicyDataset,
+    collate_policy,
+    compute_policy_stats,
+)
 from ghil.train import TrainingSetup
 
 log = logging.getLogger(__name__)
@@ -48,14 +54,34 @@ class PolicyRecipe:
         self.policy = policy
         self.data = data if isinstance(data, PolicyDataConfig) else PolicyDataConfig(**dict(data))
 
-    def dataset(self, split: str) -> PolicyDataset:
+    def dataset(self, split: str, root: str | None = None) -> PolicyDataset:
+        """``split`` of the main root, or of ``root`` (an extra root: its own ``packed``/``features`` folders)."""
         pc = self.policy.config
+        data = replace(self.data, split=split)
+        if root is not None:
+            data = replace(data, root=root, extra_roots=(),
+                           cache=str(Path(root) / "packed") if self.data.cache else None,
+                           features=str(Path(root) / "features") if self.data.features else None)
         features = {}
-        if self.data.features:
+        if data.features:
             features = {"policy": self.policy, "feature_view": None if split == self.data.split else 0}
-        return PolicyDataset(replace(self.data, split=split), cameras=pc.cameras,
-                             goal_camera=pc.goal_camera if pc.use_goal else None,
+        return PolicyDataset(data, cameras=pc.cameras, goal_camera=pc.goal_camera if pc.use_goal else None,
                              action_key=self.policy.space.dataset_key, chunk_len=pc.chunk_len, **features)
+
+    def training_dataset(self, main: PolicyDataset):
+        """The main root's training split, followed by each extra root's (DAgger rounds)."""
+        if not self.data.extra_roots:
+            return main
+        parts = [main]
+        for root in self.data.extra_roots:
+            part = self.dataset(self.data.split, root)
+            if main.features is not None and any(part.features.manifest["encoder"][k] != main.features.manifest[
+                    "encoder"][k] for k in ("weights_sha256", "settings")):
+                raise ValueError(f"the feature cache {part.features.folder} was made by another encoder than "
+                                 f"{main.features.folder}: rebuild it with {part.features.rebuild}")
+            parts.append(part)
+        log.info("training on %s", ", ".join(f"{p.config.root} ({len(p)} samples)" for p in parts))
+        return ConcatPolicyDataset(parts)
 
     def load_frozen_encoders(self, dataset: PolicyDataset) -> None:
         """Frozen-encoder mode: the encoders the feature cache was built with, loaded and frozen. Called again after
@@ -108,6 +134,9 @@ class PolicyRecipe:
                  "init": {k: config_to_dict(v) for k, v in self.policy.init_kwargs().items()}}
         # data.cache is left out: the packed cache gives exactly the npz samples, so a run may switch between them.
         data = {k: v for k, v in asdict(self.data).items() if k != "cache"}
+        data["extra_roots"] = [str(Path(r).resolve()) for r in self.data.extra_roots]
+        if not data["extra_roots"]:
+            del data["extra_roots"]  # (absent when unused: fingerprints of earlier runs stay valid)
         return {"model": model, "data": {**data, "root": str(Path(self.data.root).resolve())}}
 
     def eval_command(self, checkpoint: str) -> str:
@@ -130,7 +159,8 @@ class PolicyRecipe:
         elif self.data.val_split:
             log.info("%s has no %r split: no validation data (data.val_split=null turns it off)", self.data.root,
                      self.data.val_split)
-        return TrainingSetup(model=self.policy, dataset=dataset, collate_fn=collate_policy, val_dataset=val_dataset,
+        return TrainingSetup(model=self.policy, dataset=self.training_dataset(dataset), collate_fn=collate_policy,
+                             val_dataset=val_dataset,
                              fit_statistics=lambda: self.fit_statistics(dataset), fingerprint=self.fingerprint(),
                              eval_command=self.eval_command,
                              after_init_from=(lambda: self.load_frozen_encoders(dataset)) if self.data.features

@@ -90,6 +90,11 @@ GRIPPER_INDEX = {"actions": 6, "rel_actions": 6, "robot_obs": 14, "joint_actions
 CALVIN_KEYS = ("actions", "rel_actions", "robot_obs", "scene_obs", "rgb_static", "rgb_gripper",
                "depth_static", "depth_gripper")
 GHIL_EXTRA_KEYS = ("joint_actions",)
+# DAgger relabelling (`ghil dagger`): per visited frame, the scripted expert's action chunk from that state and the
+# static frame it reaches ``goal_steps`` later. Named apart from the loaders' in-episode goal draws (``goal_<key>``).
+EXPERT_CHUNK_KEY = "expert_rel_actions"
+EXPERT_GOAL_KEY = "expert_goal_rgb_static"
+EXPERT_KEYS = (EXPERT_CHUNK_KEY, EXPERT_GOAL_KEY)
 # statistics.yaml: mean/std for these (CALVIN normalises robot_obs and scene_obs with them) ...
 MOMENT_KEYS = ("robot_obs", "scene_obs", "joint_actions")
 # ... and per-dimension min/max bounds for these, under "<prefix>_min_bound" / "<prefix>_max_bound".
@@ -140,8 +145,12 @@ class FrameSpec:
     gripper_size: int = 84
     depth: bool = True
     joint_actions: bool = True
+    expert_chunk: int = 0  # > 0: DAgger frames also store the expert's chunk of this length and its goal frame
 
     def __post_init__(self) -> None:
+        if not isinstance(self.expert_chunk, (int, np.integer)) or isinstance(self.expert_chunk, bool) \
+                or self.expert_chunk < 0:
+            raise DatasetFormatError(f"FrameSpec.expert_chunk must be an int >= 0, got {self.expert_chunk!r}")
         for name in ("static_size", "gripper_size"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
@@ -160,6 +169,9 @@ class FrameSpec:
             keys["depth_gripper"] = ((g, g), np.dtype(np.float32))
         if self.joint_actions:
             keys["joint_actions"] = ((VECTOR_DIMS["joint_actions"],), np.dtype(np.float64))
+        if self.expert_chunk:
+            keys[EXPERT_CHUNK_KEY] = ((int(self.expert_chunk), VECTOR_DIMS["rel_actions"]), np.dtype(np.float64))
+            keys[EXPERT_GOAL_KEY] = ((s, s, 3), np.dtype(np.uint8))
         return keys
 
 
@@ -210,6 +222,12 @@ def _array_problems(key: str, value: object, shape: tuple[int, ...], dtype: np.d
                         f"{float(value[GRIPPER_INDEX[key]])!r}")
     if key == "rel_actions" and not problems and np.abs(value).max() > 1.0 + rel_tolerance:
         problems.append(f"'rel_actions' must lie in [-1, 1], got max |value| {np.abs(value).max():.4g}")
+    if key == EXPERT_CHUNK_KEY and not problems:  # a chunk of rel_actions: the same range and gripper rules per row
+        grip = value[:, GRIPPER_INDEX["rel_actions"]]
+        if not np.isin(grip, (-1.0, 1.0)).all():
+            problems.append(f"{key!r}[:, 6] (gripper) must be exactly -1 or +1, got {sorted(set(grip.tolist()))[:4]}")
+        elif np.abs(value).max() > 1.0 + rel_tolerance:
+            problems.append(f"{key!r} must lie in [-1, 1], got max |value| {np.abs(value).max():.4g}")
     return problems
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ghil.data.calvin_format import DatasetError
+from ghil.data.calvin_format import EXPERT_GOAL_KEY, DatasetError
 from ghil.data.packed import (
     MANIFEST_FILE,
     MemmapFolder,
@@ -159,10 +159,16 @@ def _encoded_block(policy, pack: PackedSplit, rows: slice, n_views: int, seed: i
         views = _views(images, fids, c.encoder_size[cam], n_views, policy.augment, seed, stream)
         out[cam] = _encode(policy.camera_encoders[cam], views, len(fids), n_views)
     if c.use_goal:
-        images = np.asarray(pack.arrays[c.goal_camera][rows])
+        images = np.asarray(pack.arrays[goal_source(pack, c.goal_camera)][rows])
         views = _views(images, fids, c.encoder_size[c.goal_camera], n_views, policy.augment, seed, len(c.cameras))
         out[GOAL_KEY] = _encode(policy.goal_encoder, views, len(fids), n_views)
     return out
+
+
+def goal_source(pack: PackedSplit, goal_camera: str) -> str:
+    """The pack array the goal encoder reads: a DAgger pack's stored expert goal frames (row r is frame r's goal),
+    otherwise the goal camera itself (the dataset then draws goal rows from the same episode)."""
+    return EXPERT_GOAL_KEY if goal_camera == "rgb_static" and EXPERT_GOAL_KEY in pack.arrays else goal_camera
 
 
 def build_features(root: str | os.PathLike, split: str = "training", cache: str | os.PathLike | None = None,
@@ -199,6 +205,8 @@ def build_features(root: str | os.PathLike, split: str = "training", cache: str 
                 "source": pack.manifest["source"], "pack": str(pack.folder.resolve()), "n_frames": n,
                 "n_views": int(n_views), "seed": int(seed), "encoder": encoder_identity(policy, encoder_path, sha),
                 "arrays": layout}
+    if c.use_goal and goal_source(pack, c.goal_camera) == EXPERT_GOAL_KEY:  # (absent otherwise: older caches stay valid)
+        manifest["goal_source"] = EXPERT_GOAL_KEY
     folder = out / split
     def write_fixed(folder: Path) -> None:
         _atomic_npy(folder / "frame_ids.npy", np.asarray(pack.frame_ids, np.int64))

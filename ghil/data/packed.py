@@ -48,6 +48,7 @@ from ghil.data.calvin_format import (
     LANG_FILE,
     LANG_FOLDER,
     STATISTICS_FILE,
+    EXPERT_KEYS,
     DatasetError,
     frame_file_name,
 )
@@ -128,7 +129,7 @@ def _atomic_npy(path: Path, value: np.ndarray) -> None:
 def _plan(ds: CalvinDataset, keys: Sequence[str] | None) -> dict[str, dict[str, object]]:
     """key -> {"shape", "dtype"} of one frame as it will be stored (cameras uint8, vectors float32)."""
     if keys is None:
-        keys = [k for k in (*CAMERA_KEYS, *VECTOR_KEYS) if k in ds.stored_keys]
+        keys = [k for k in (*CAMERA_KEYS, *VECTOR_KEYS, *EXPERT_KEYS) if k in ds.stored_keys]
     first = ds.read_frame(int(ds.episodes[0, 0]), list(keys)) if len(ds.episodes) else {}
     plan = {}
     for key in keys:
@@ -142,7 +143,8 @@ def build_pack(root: str | os.PathLike, split: str = "training", out: str | os.P
                keys: Sequence[str] | None = None, block_frames: int = BLOCK_FRAMES) -> Path:
     """Build (or resume, or rebuild when stale) the cache of ``split`` under ``out``; returns its folder.
 
-    ``keys`` defaults to every stored camera and vector key of ``CAMERA_KEYS`` + ``VECTOR_KEYS``.
+    ``keys`` defaults to every stored camera and vector key of ``CAMERA_KEYS`` + ``VECTOR_KEYS``, and a DAgger
+    dataset's expert chunks and goal frames (``EXPERT_KEYS``).
     """
     root = Path(root)
     out = default_pack_dir(root) if out is None else Path(out)

@@ -14,6 +14,13 @@ goal frame), each from one of the cache's K views, drawn independently per sourc
 (seed, epoch, idx) (``feature_view=v`` pins view v, e.g. 0 = un-augmented for validation). The frames, goal draws
 and statistics are those of the pixel path (``ghil/data/features.py``).
 
+A DAgger dataset (``ghil dagger``: its frame spec has ``expert_chunk > 0``) labels each frame itself: the target
+chunk is the expert's chunk from that state (``expert_rel_actions``, not the next frames' actions) and the goal is
+the frame the expert reached from it (``expert_goal_rgb_static``, not a frame of the same episode).
+``config.extra_roots`` adds such datasets (or any other CALVIN-format roots) to the training split: their samples
+follow the main root's, each read from ``<root>/packed`` and ``<root>/features`` when the main root uses a cache /
+feature cache. Normaliser statistics come from the main root alone.
+
 Per-episode vectors (actions, proprioception) are read once and cached: they are small, and a chunk needs 16+ of
 them per sample. Nothing here imports torch except ``collate_policy``.
 
@@ -29,10 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ghil.data.calvin_dataset import CalvinDataset
+from ghil.data.calvin_format import EXPERT_CHUNK_KEY, EXPERT_GOAL_KEY, read_dataset_meta
 from ghil.normalizer import VectorStats
 
 
@@ -53,8 +62,10 @@ class PolicyDataConfig:
     max_stat_frames: int | None = 200_000  # frames (whole episodes, evenly spread) used for normaliser statistics
     cache: str | None = None  # a `ghil pack` folder (<root>/packed): read memory-mapped arrays, not the npz frames
     features: str | None = None  # a `ghil featurize` folder (<root>/features): frozen-encoder tokens, no pixels
+    extra_roots: tuple[str, ...] = ()  # more roots for the training split (DAgger rounds), same settings
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "extra_roots", tuple(str(r) for r in (self.extra_roots or ())))
         lo, hi = (int(v) for v in self.goal_horizon)
         object.__setattr__(self, "goal_horizon", (lo, hi))
         if not 0 <= lo <= hi:
@@ -87,9 +98,16 @@ class PolicyDataset:
                 raise ValueError(f"feature_view {feature_view} not in 0..{self.features.n_views - 1}")
         self.feature_view = feature_view
         pixels = self.features is None
-        common = dict(keys=((*self.cameras,) if pixels else ()) + (config.proprio_key,), lang_only=config.lang_only,
-                      goal_horizon=config.goal_horizon if goal_camera else None,
-                      goal_keys=(goal_camera,) if goal_camera and pixels else (), seed=config.seed)
+        self.expert_labelled = is_expert_labelled(config.root)
+        if self.expert_labelled:
+            self._check_expert_labels(goal_camera)
+        # DAgger frames carry their own goal: no goal frame is drawn from the episode.
+        draw_goal = bool(goal_camera) and not self.expert_labelled
+        own = ((EXPERT_CHUNK_KEY,) + ((EXPERT_GOAL_KEY,) if goal_camera and pixels else ())
+               if self.expert_labelled else ())
+        common = dict(keys=((*self.cameras,) if pixels else ()) + (config.proprio_key,) + own,
+                      lang_only=config.lang_only, goal_horizon=config.goal_horizon if draw_goal else None,
+                      goal_keys=(goal_camera,) if draw_goal and pixels else (), seed=config.seed)
         if config.cache:  # the same samples, from the checked memory-mapped cache (ghil/data/packed.py)
             from ghil.data.packed import PackedFrames
 
@@ -102,6 +120,18 @@ class PolicyDataset:
                              f"{self.frames.split_dir}: rebuild it with {self.features.rebuild}")
         self._offsets = np.r_[0, np.cumsum(self.frames.episodes[:, 1] - self.frames.episodes[:, 0] + 1)[:-1]]
         self._vectors: dict[tuple[int, str], np.ndarray] = {}
+
+    def _check_expert_labels(self, goal_camera: str | None) -> None:
+        where = f"{self.config.root} holds DAgger frames (ghil dagger)"
+        if self.action_key != "rel_actions":
+            raise ValueError(f"{where} labelled with the expert's relative actions; this policy trains on "
+                             f"{self.action_key!r}")
+        if goal_camera not in (None, "rgb_static"):
+            raise ValueError(f"{where} whose goals are static-camera frames; this policy's goal camera is "
+                             f"{goal_camera!r}")
+        if self.features is not None and goal_camera and self.features.manifest.get("goal_source") != EXPERT_GOAL_KEY:
+            raise ValueError(f"the feature cache {self.features.folder} encodes in-episode goal frames, not the "
+                             f"DAgger frames' own goals: rebuild it with {self.features.rebuild}")
 
     def _check_action_key(self) -> None:
         if self.action_key not in self.frames.stored_keys:
@@ -129,8 +159,14 @@ class PolicyDataset:
         row = int(frame["episode_row"])
         start = int(self.frames.episodes[row, 0])
         f = int(frame["frame_ids"][0]) - start
-        actions = self.episode_vectors(row, self.action_key)
-        chunk = actions[f:f + self.chunk_len]
+        if self.expert_labelled:  # the expert's own chunk from this state (a finished plan is padded with holds)
+            chunk = np.asarray(frame[EXPERT_CHUNK_KEY][0], dtype=np.float32)
+            if len(chunk) < self.chunk_len:
+                raise ValueError(f"{self.config.root} stores expert chunks of {len(chunk)} steps; the policy's "
+                                 f"chunk_len is {self.chunk_len} (re-run ghil dagger with dagger.chunk_len >= it)")
+            chunk = chunk[:self.chunk_len]
+        else:
+            chunk = self.episode_vectors(row, self.action_key)[f:f + self.chunk_len]
         n_valid = len(chunk)
         if n_valid < self.chunk_len:  # past the episode's end: repeat the last action, masked out of the loss
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.chunk_len - n_valid, axis=0)])
@@ -139,7 +175,8 @@ class PolicyDataset:
             "proprio": np.asarray(frame[self.config.proprio_key][0], dtype=np.float32),
             "actions": chunk.astype(np.float32),
             "action_mask": np.arange(self.chunk_len) < n_valid,
-            "goal": frame[f"goal_{self.goal_camera}"] if self.goal_camera and self.features is None else None,
+            "goal": (frame[EXPERT_GOAL_KEY][0] if self.expert_labelled else frame[f"goal_{self.goal_camera}"])
+            if self.goal_camera and self.features is None else None,
             "instruction": frame.get("ann"),
         }
         if self.features is not None:
@@ -153,9 +190,45 @@ class PolicyDataset:
             sample["features"] = {cam: np.array(self.features.arrays[cam][r, int(v)])
                                   for cam, v in zip(self.cameras, views)}
             if self.goal_camera:
-                g = int(self._offsets[row]) + int(frame["goal_frame_id"]) - start
+                # a DAgger cache's goal row r holds frame r's own goal (ghil/data/features.py:goal_source)
+                g = r if self.expert_labelled else int(self._offsets[row]) + int(frame["goal_frame_id"]) - start
                 sample["goal_features"] = np.array(self.features.arrays["goal"][g, int(views[-1])])
         return sample
+
+
+def is_expert_labelled(root: str | Path) -> bool:
+    """Whether ``root`` is a DAgger dataset: its stored frame spec has ``expert_chunk > 0`` (``ghil dagger``)."""
+    meta = read_dataset_meta(root)
+    spec = (meta or {}).get("config", {}).get("spec", {}) if isinstance(meta, dict) else {}
+    return bool(isinstance(spec, dict) and spec.get("expert_chunk", 0))
+
+
+class ConcatPolicyDataset:
+    """Several ``PolicyDataset``s one after another (the main root, then ``extra_roots``), as one dataset."""
+
+    def __init__(self, parts: Sequence[PolicyDataset]):
+        if not parts:
+            raise ValueError("ConcatPolicyDataset needs at least one dataset")
+        self.parts = list(parts)
+        self._ends = np.cumsum([len(p) for p in self.parts])
+
+    @property
+    def main(self) -> PolicyDataset:
+        return self.parts[0]
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def __getitem__(self, idx: int) -> dict[str, object]:
+        idx = int(idx)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for {len(self)} samples")
+        k = int(np.searchsorted(self._ends, idx, side="right"))
+        return self.parts[k][idx - (int(self._ends[k - 1]) if k else 0)]
 
 
 def compute_policy_stats(dataset: PolicyDataset, keys: Sequence[str]) -> dict[str, VectorStats]:
