@@ -6,6 +6,7 @@ and letting a fresh scripted expert act, so the test fails if labels come from a
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -69,17 +70,15 @@ def test_labels_are_the_experts_chunk_and_goal_from_each_visited_state(round_dir
     lang = LanguageAnnotations.load(round_dir / "training")
     frames = _frames(round_dir)
     assert len(frames) >= 4 and len(lang.task) >= 1
-    task_of = {}
+    task_of, starts = {}, set()
     for (start, end), task in zip(lang.indx, lang.task):
         task_of.update({f: task for f in range(int(start), int(end) + 1)})
-    checked = 0
-    for f, frame in enumerate(frames):
-        if f not in task_of:
-            continue
-        obs = env.reset(robot_obs=frame["robot_obs"], scene_obs=frame["scene_obs"])
-        expert = ScriptedExpert()
-        expert.reset(task_of[f])
-        actions, goal = [], None
+        starts.add(int(start))
+
+    def roll_copy(live, frame):
+        """What the live expert would do from the stored state: a copy of it acting in a fresh env."""
+        obs, expert, actions, goal = env.reset(robot_obs=frame["robot_obs"], scene_obs=frame["scene_obs"]), \
+            copy.deepcopy(live), [], None
         for i in range(max(CHUNK, GOAL_STEPS)):
             action, phase = expert.act(obs["robot_obs"], obs["scene_obs"])
             if phase == "done":
@@ -89,7 +88,19 @@ def test_labels_are_the_experts_chunk_and_goal_from_each_visited_state(round_dir
             obs, *_ = env.step(action)
             if i + 1 == GOAL_STEPS:
                 goal = np.array(obs["rgb_obs"]["rgb_static"])
-        goal = np.array(obs["rgb_obs"]["rgb_static"]) if goal is None else goal
+        return actions, np.array(obs["rgb_obs"]["rgb_static"]) if goal is None else goal
+
+    checked, live = 0, ScriptedExpert()
+    for f, frame in enumerate(frames):
+        if f not in task_of:
+            continue
+        if f in starts:  # one live expert per attempt, stepped along the visited states
+            live.reset(task_of[f])
+        actions, goal = roll_copy(live, frame)
+        if not actions:  # its plan ended without the oracle firing: planned afresh
+            live.reset(task_of[f])
+            actions, goal = roll_copy(live, frame)
+        live.act(frame["robot_obs"], frame["scene_obs"])
         chunk = frame[EXPERT_CHUNK_KEY]
         assert chunk.shape == (CHUNK, 7)
         np.testing.assert_array_equal(chunk[:len(actions)], np.asarray(actions))
@@ -109,6 +120,16 @@ def test_beta_one_is_the_expert_driving_and_beta_zero_the_policy(policy_dir):
     assert ep["expert_share"] == 1.0
     roller = dagger_mod.DaggerRoller(env_cfg, str(policy_dir), dagger_mod._settings(cfg.dagger, beta=0.0))
     assert roller.roll(0)["expert_share"] == 0.0
+
+
+def test_expert_driven_labels_solve_tasks_like_the_expert(policy_dir):
+    """With beta = 1 the labels alone drive the robot: they must solve tasks (a plan restarted at every state never
+    gets past its departure move and solved none)."""
+    cfg = _cfg("dagger.max_steps_per_task=300", "dagger.tasks_per_episode=3")
+    roller = dagger_mod.DaggerRoller(OmegaConf.to_container(cfg.env, resolve=True), str(policy_dir),
+                                     dagger_mod._settings(cfg.dagger, beta=1.0))
+    ep = roller.roll(2)
+    assert ep["n_attempts"] == 3 and ep["n_success"] >= 2
 
 
 def test_the_round_trains_through_extra_roots_with_its_own_labels(round_dir, tmp_path, policy_dir):

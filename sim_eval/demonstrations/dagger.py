@@ -3,7 +3,8 @@
 A round rolls a policy checkpoint out in the playtable over chains of random feasible tasks, as play collection
 does (``tasks_per_episode`` per episode, ``calvin_state_fraction`` of them from CALVIN's 192 initial states). At
 every visited state a private copy of the env (the same env config, so the same renderer) is teleported there and
-the scripted expert acts from it: its first ``chunk_len`` actions are the frame's label (``expert_rel_actions``;
+a copy of the attempt's scripted expert acts from it (the live expert is stepped on every visited state, so its
+plan keeps its progress; a plan that ends without the oracle firing is started afresh, at most 3 times): its first ``chunk_len`` actions are the frame's label (``expert_rel_actions``;
 ``rel_actions`` is their first) and the static frame it reaches ``goal_steps`` later is the frame's goal
 (``expert_goal_rgb_static``), exactly what re-rolled oracle goals show the policy at evaluation. Only that one goal
 frame is rendered: the expert's intermediate steps are physics alone (~1.2 ms each).
@@ -26,6 +27,7 @@ Each step resumes on its own, so re-running the command after a kill continues w
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import multiprocessing as mp
@@ -58,7 +60,7 @@ from sim_eval.world import layout
 log = logging.getLogger(__name__)
 
 STATE_FILE = "dagger_rounds.json"  # the rounds' checkpoints and settings, beside the rounds' datasets
-STALL_STEPS = 10  # an expert with nothing left to do for this many steps in a row ends the attempt
+MAX_REPLANS = 3  # an attempt whose plan ends without the oracle firing this often more is given up
 
 
 @dataclass(frozen=True)
@@ -138,15 +140,16 @@ class DaggerRoller:
         self.expert, self.oracle = ScriptedExpert(), TaskOracle()
         self.states = enumerate_symbolic_states()
 
-    def label(self, task: str, robot_obs: np.ndarray, scene_obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(chunk_len, 7) expert actions from this state (a finished plan padded with holds), the static frame the
-        expert reaches ``goal_steps`` later (or where its plan ends), and whether the plan had anything to do."""
+    def label(self, robot_obs: np.ndarray, scene_obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(chunk_len, 7) actions of a copy of the attempt's expert from this state (a finished plan padded with
+        holds), the static frame it reaches ``goal_steps`` later (or where its plan ends), and whether its plan had
+        anything left to do. The live expert is not advanced here (``roll`` does that, one step per env step)."""
         s = self.settings
         sim_obs = self.sim.reset(robot_obs=robot_obs, scene_obs=scene_obs)
-        self.expert.reset(task)
+        expert = copy.deepcopy(self.expert)  # its plan's progress so far, continued from the visited state
         actions, goal = [], None
         for i in range(max(s.chunk_len, s.goal_steps)):
-            action, phase = self.expert.act(sim_obs["robot_obs"], sim_obs["scene_obs"])
+            action, phase = expert.act(sim_obs["robot_obs"], sim_obs["scene_obs"])
             if phase == "done":
                 break
             if i < s.chunk_len:
@@ -185,12 +188,21 @@ class DaggerRoller:
             text = str(rng.choice(train_phrasings(task)))
             self.agent.seed(derive_seed(s.seed, k, task_i))
             self.agent.reset()
-            start_info, first, idle, expert_drives = self.env.get_info(), len(frames), 0, False
+            # One live expert per attempt, stepped on every visited state: a plan restarted at every state would
+            # begin with its departure move each time and never progress (measured: 0 of 16 tasks solved).
+            self.expert.reset(task)
+            start_info, first, replans, expert_drives = self.env.get_info(), len(frames), 0, False
             for t in range(s.max_steps_per_task):
-                chunk, goal, active = self.label(task, obs["robot_obs"], obs["scene_obs"])
-                idle = 0 if active else idle + 1
-                if idle >= STALL_STEPS:
-                    break
+                chunk, goal, active = self.label(obs["robot_obs"], obs["scene_obs"])
+                if not active:  # the plan thinks it is done but the oracle does not: plan afresh from here
+                    replans += 1
+                    if replans > MAX_REPLANS:
+                        break
+                    self.expert.reset(task)
+                    chunk, goal, active = self.label(obs["robot_obs"], obs["scene_obs"])
+                    if not active:
+                        break
+                self.expert.act(obs["robot_obs"], obs["scene_obs"])  # advance the live plan by this state
                 if t % self.agent.exec_len == 0:  # who drives the next chunk
                     expert_drives = bool(rng.random() < s.beta)
                     self.agent.queue.clear()
