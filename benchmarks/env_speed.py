@@ -26,6 +26,7 @@ steadier numbers and reflects one evaluation worker per core.
     python benchmarks/env_speed.py --env playtable --steps 500
     python benchmarks/env_speed.py --env playtable --steps 1000 --rounds 5 --actions expert
     <calvin venv>/bin/python benchmarks/env_speed.py --env calvin --steps 300 --json outputs/env_speed_calvin.json
+    python benchmarks/env_speed.py --env playtable --with-calvin --steps 500 --rounds 5   # both in one run + ratios
 """
 
 from __future__ import annotations
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--actions", choices=["random", "expert"], default="random",
                     help="random: small random relative actions near the neutral pose (default); expert: the "
                          "scripted expert solving drawer, slider, button, switch and block tasks (playtable)")
+    ap.add_argument("--with-calvin", action="store_true",
+                    help="playtable: also time calvin_env's full step in the same run, interleaved, and print the "
+                         "ratios (needs calvin_env installed)")
     ap.add_argument("--only", choices=["physics", "full"], default=None, help="run one measurement only")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the process to one CPU core")
     ap.add_argument("--cpu", type=int, default=0, help="the core to pin to (default 0)")
@@ -236,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--visuals is for the playtable (calvin_env has its own renderer)")
     if is_calvin and args.actions == "expert":
         ap.error("--actions expert is for the playtable")
+    if args.with_calvin and (is_calvin or args.actions == "expert" or args.only == "physics"):
+        ap.error("--with-calvin compares the playtable's full step with calvin_env's (random actions)")
     visuals = [None] if is_calvin else (args.visuals or ["default", "layered", "fast"])
 
     pinned = None
@@ -248,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for v in visuals:  # one env per visual mode (physics is the same in all: it is timed on the first)
             envs[v], cfg = build_env(args.env, args.cameras, args.static_size, args.gripper_size, v)
+        calvin = None
+        if args.with_calvin:  # the same cameras and sizes, timed in the same rounds as the playtable's modes
+            calvin, _ = build_env("calvin", args.cameras, args.static_size, args.gripper_size, None)
         build_s = time.perf_counter() - t0
         start = neutral_start()
         rng = np.random.default_rng(args.seed)
@@ -284,6 +293,12 @@ def main(argv: list[str] | None = None) -> dict:
                     return obs
                 name = "full" if v is None else f"full:{v}"
                 plans.append((name, env, full_fn, full_what + ("" if v is None else f", visuals={v}")))
+            if calvin is not None:
+                def calvin_fn(a, env=calvin):
+                    obs, _, _, _ = env.step(a)
+                    read_images(obs)
+                    return obs
+                plans.append(("full:calvin", calvin, calvin_fn, full_what + ", real calvin_env"))
         times = {name: ([], []) for name, *_ in plans}
         for r in range(args.rounds):
             steps = min(per_round, args.steps - r * per_round)
@@ -296,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = summarise(*times[name])
             results[name]["what"] = what
     finally:
-        for env in envs.values():
+        for env in [*envs.values(), *([calvin] if args.with_calvin and calvin is not None else [])]:
             close = getattr(env, "close", None)
             if close:
                 close()
@@ -340,6 +355,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<14}{r['steps_per_s_mean']:>9.1f}{r['median_ms']:>11.2f}{r['mean_ms']:>9.2f}{r['p95_ms']:>8.2f}"
               f"{r['cpu_median_ms']:>9.2f}  {r['what']}")
     print("(steps/s = 1000 / mean wall ms; cpu med = median thread CPU time per step)")
+    if "full:calvin" in results:
+        c = results["full:calvin"]
+        for name, r in results.items():
+            if name.startswith("full:") and name != "full:calvin":
+                ratios = {"wall_median": c["median_ms"] / r["median_ms"], "cpu_median": c["cpu_median_ms"] /
+                          r["cpu_median_ms"]}
+                r["calvin_over_this"] = {k: round(v, 2) for k, v in ratios.items()}
+                print(f"calvin_env / playtable {name[5:]}: {ratios['wall_median']:.2f}x wall median, "
+                      f"{ratios['cpu_median']:.2f}x cpu median (same run)")
 
     out = {"meta": meta, "results": results}
     if args.json:

@@ -74,7 +74,7 @@ def _readme_commands() -> list[str]:
 
 def test_readme_command_1_installs_what_the_main_job_needs_and_ci_runs_command_2():
     install, tests = _readme_commands()[:2]
-    assert "torch==2.13.0" in install and '".[learning]"' in install and install.endswith("ghil demo")
+    assert "torch==2.13.0" in install and '".[learning]"' in install and install.endswith('ghil run "open the drawer"')
     requested = re.findall(r"torch[=<>~!]=?\S*", install + " " + tests)
     assert set(requested) == {"torch==2.13.0"}  # only the CPU build: any other request pulls CUDA wheels
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip() and

@@ -54,7 +54,7 @@ INSTALL_HINT = (
     "https://github.com/mees/calvin_env somewhere outside this repository and check out commit 797142c "
     "(keep it a git work tree: calvin_env reads its own commit with GitPython and fails in a plain copy); the "
     "tacto submodule is not needed. Then, in the Python environment you run ghil from, install calvin_env's "
-    "dependencies pybullet, 'numpy<2', scipy, gym==0.26.2, hydra-core, omegaconf, gitpython, numpy-quaternion, "
+    "dependencies pybullet, scipy, gym==0.26.2, hydra-core, omegaconf, gitpython, numpy-quaternion, "
     "opencv-python-headless, pillow and hydra-colorlog, and finally install the checkout itself without its "
     "pinned dependencies (pip install --no-deps -e <checkout>). The CALVIN dataset is not needed. The embedded "
     "playtable (configs/env/playtable.yaml) needs none of this."
