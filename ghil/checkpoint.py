@@ -108,6 +108,19 @@ def register_config(name: str):
     return wrap
 
 
+def coerce_config(value: Any, cls: type, name: str, optional: bool = False) -> Any:
+    """A nested config field as its dataclass: the dataclass itself, or a plain mapping of its fields (Hydra YAML
+    without ``_target_``; a saved ``type`` key is ignored), or None when ``optional``; TypeError naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**{k: v for k, v in value.items() if k != "type"})
+    raise TypeError(f"{name} must be a {cls.__name__} (or a mapping of its fields){' or None' if optional else ''}, "
+                    f"got {value!r}")
+
+
 def config_to_dict(value: Any) -> Any:
     """A registered config dataclass (possibly nested) as JSON-ready data, each dataclass tagged with its type."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -30,7 +30,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ghil.checkpoint import PretrainedMixin, register, register_config
+from ghil.checkpoint import PretrainedMixin, coerce_config, register, register_config
 from ghil.nn.augment import AugmentConfig, ImageAugment, resize
 from ghil.nn.encoders import (
     ClipTextConfig,
@@ -57,15 +57,6 @@ TEXT_CONFIGS = (MiniLMConfig, ClipTextConfig, HashTextConfig)
 # The kinds of training pair, in the order ``build_negatives`` assigns them (PairPlan.kind holds these indices).
 KINDS = ("positive", "wrong_instruction", "reversed", "wrong_goal")
 POSITIVE, WRONG_INSTRUCTION, REVERSED, WRONG_GOAL = range(len(KINDS))
-
-
-def _coerce(value: Any, cls: type, name: str) -> Any:
-    """A config dataclass, or a plain mapping of its fields (Hydra YAML without ``_target_``)."""
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        return cls(**{k: v for k, v in value.items() if k != "type"})
-    raise TypeError(f"GhilGlueFilterConfig.{name} must be a {cls.__name__} (or a mapping of its fields), got {value!r}")
 
 
 # -- negatives --------------------------------------------------------------------------------------------------
@@ -206,9 +197,9 @@ class GhilGlueFilterConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("image_encoder", _coerce(self.image_encoder, ResNetGNConfig, "image_encoder"))
-        set_("negatives", _coerce(self.negatives, NegativeFractions, "negatives"))
-        set_("augment", _coerce(self.augment, AugmentConfig, "augment"))
+        set_("image_encoder", coerce_config(self.image_encoder, ResNetGNConfig, "GhilGlueFilterConfig.image_encoder"))
+        set_("negatives", coerce_config(self.negatives, NegativeFractions, "GhilGlueFilterConfig.negatives"))
+        set_("augment", coerce_config(self.augment, AugmentConfig, "GhilGlueFilterConfig.augment"))
         set_("hidden", tuple(int(h) for h in self.hidden))
         if not isinstance(self.text_encoder, TEXT_CONFIGS):
             raise TypeError(f"GhilGlueFilterConfig.text_encoder must be one of {[c.__name__ for c in TEXT_CONFIGS]}, "

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ghil.checkpoint import PretrainedMixin, register, register_config
+from ghil.checkpoint import PretrainedMixin, coerce_config, register, register_config
 from ghil.data.subgoal_dataset import SubgoalBatch, resize_frames
 from ghil.nn.encoders import ClipTextConfig, HashTextConfig, MiniLMConfig, TextEncoder, build_text_encoder
 from ghil.types import Observation
@@ -155,18 +155,6 @@ class ClipTokensConfig:
 TEXT_CONFIGS = (MiniLMConfig, ClipTextConfig, HashTextConfig, ClipTokensConfig)
 
 
-def _coerce(value: Any, cls: type, name: str, optional: bool = False) -> Any:
-    """A config dataclass, or a plain mapping of its fields (Hydra YAML without ``_target_``)."""
-    if value is None and optional:
-        return None
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        return cls(**{k: v for k, v in value.items() if k != "type"})
-    raise TypeError(f"{name} must be a {cls.__name__} (or a mapping of its fields){' or None' if optional else ''}, "
-                    f"got {value!r}")
-
-
 @dataclass(frozen=True)
 class GeneratorConfig:
     """Settings shared by the image (``SusieConfig``) and video (``VideoConfig``) generators."""
@@ -190,11 +178,12 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("unet", _coerce(self.unet, UNetConfig, f"{type(self).__name__}.unet"))
-        set_("init_unet", _coerce(self.init_unet, HubWeights, f"{type(self).__name__}.init_unet", optional=True))
-        set_("vae", _coerce(self.vae, HubWeights, f"{type(self).__name__}.vae", optional=True))
-        set_("noise_schedule", _coerce(self.noise_schedule, HubWeights, f"{type(self).__name__}.noise_schedule",
-                                       optional=True))
+        set_("unet", coerce_config(self.unet, UNetConfig, f"{type(self).__name__}.unet"))
+        set_("init_unet", coerce_config(self.init_unet, HubWeights, f"{type(self).__name__}.init_unet",
+                                        optional=True))
+        set_("vae", coerce_config(self.vae, HubWeights, f"{type(self).__name__}.vae", optional=True))
+        set_("noise_schedule", coerce_config(self.noise_schedule, HubWeights,
+                                             f"{type(self).__name__}.noise_schedule", optional=True))
         name = type(self).__name__
         if not isinstance(self.text_encoder, TEXT_CONFIGS):
             raise TypeError(f"{name}.text_encoder must be one of {[c.__name__ for c in TEXT_CONFIGS]}, got "

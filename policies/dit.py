@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ghil.checkpoint import PretrainedMixin, register, register_config
+from ghil.checkpoint import PretrainedMixin, coerce_config, register, register_config
 from ghil.nn.augment import AugmentConfig, ImageAugment, resize
 from ghil.normalizer import Normalizer, VectorStats
 from ghil.types import ActionChunk, Observation, PolicyBatch, action_space, binarize_gripper
@@ -51,15 +51,6 @@ TEXT_CONFIGS = (MiniLMConfig, ClipTextConfig, HashTextConfig)
 # allows 1 km), and far below where float32 activations overflow (~1e19).
 MAX_PROPRIO_Z = 1e6
 SAMPLER_CONFIGS = (DDIMConfig, ShortcutConfig)
-
-
-def _coerce(value: Any, cls: type, name: str) -> Any:
-    """Accept a config dataclass or a plain mapping of its fields (Hydra YAML without ``_target_``)."""
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        return cls(**{k: v for k, v in value.items() if k != "type"})
-    raise TypeError(f"DiTConfig.{name} must be a {cls.__name__} (or a mapping of its fields), got {value!r}")
 
 
 @register_config("dit_config")
@@ -97,8 +88,8 @@ class DiTConfig:
         set_("cameras", tuple(str(c) for c in self.cameras))
         set_("image_sizes", tuple(int(s) for s in self.image_sizes))
         set_("encoder_sizes", tuple(int(s) for s in self.encoder_sizes))
-        set_("image_encoder", _coerce(self.image_encoder, ResNetGNConfig, "image_encoder"))
-        set_("augment", _coerce(self.augment, AugmentConfig, "augment"))
+        set_("image_encoder", coerce_config(self.image_encoder, ResNetGNConfig, "DiTConfig.image_encoder"))
+        set_("augment", coerce_config(self.augment, AugmentConfig, "DiTConfig.augment"))
         if not isinstance(self.text_encoder, TEXT_CONFIGS):
             raise TypeError(f"DiTConfig.text_encoder must be one of {[c.__name__ for c in TEXT_CONFIGS]}, "
                             f"got {self.text_encoder!r}")

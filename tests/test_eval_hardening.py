@@ -294,7 +294,8 @@ def test_sigterm_and_ctrl_c_mark_the_run_interrupted_and_leave_no_process(tmp_pa
     """Before: SIGTERM left status.json saying running (and Ctrl-C said failed). Now both say interrupted, the
     worker processes are gone, the exit status is non-zero and the same command resumes."""
     out = tmp_path / "run"
-    proc = cli(out, "eval.n_chains=3", "eval.n_videos=0", "eval.workers=2")
+    # 8 chains: expert chains take ~0.5 s, so with 3 the run could finish before the signal lands (rc 0)
+    proc = cli(out, "eval.n_chains=8", "eval.n_videos=0", "eval.workers=2")
     chains = out / "chains.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None:
@@ -312,8 +313,8 @@ def test_sigterm_and_ctrl_c_mark_the_run_interrupted_and_leave_no_process(tmp_pa
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "interrupted", status
     assert not (out / ".lock").exists()
-    resumed = run(out, "eval.n_chains=3", "eval.n_videos=0")
-    assert resumed.complete and sorted(r.chain_index for r in read_jsonl(chains)) == [0, 1, 2]
+    resumed = run(out, "eval.n_chains=8", "eval.n_videos=0")
+    assert resumed.complete and sorted(r.chain_index for r in read_jsonl(chains)) == list(range(8))
 
 
 # ------------------------------------------------------------------------------------------------ item 9: git locks

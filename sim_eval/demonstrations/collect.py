@@ -73,6 +73,14 @@ def random_scene(env, rng: np.random.Generator) -> np.ndarray:
     return scene
 
 
+def episode_start(env, states: list, rng: np.random.Generator, calvin_state_fraction: float):
+    """(robot_obs, scene_obs) an episode starts from: one of CALVIN's symbolic ``states`` with probability
+    ``calvin_state_fraction``, else the neutral pose in a random scene; drawn from ``rng``."""
+    if rng.random() < calvin_state_fraction:
+        return state_to_obs(states[int(rng.integers(len(states)))])
+    return layout.NEUTRAL_ROBOT_OBS, random_scene(env, rng)
+
+
 class EpisodeRoller:
     """Builds the env once per worker process and rolls out episodes by index."""
 
@@ -89,10 +97,7 @@ class EpisodeRoller:
     def roll(self, k: int) -> dict:
         s = self.settings
         rng = np.random.default_rng([s.seed, k])
-        if rng.random() < s.calvin_state_fraction:
-            robot_obs, scene_obs = state_to_obs(self.states[int(rng.integers(len(self.states)))])
-        else:
-            robot_obs, scene_obs = layout.NEUTRAL_ROBOT_OBS, random_scene(self.env, rng)
+        robot_obs, scene_obs = episode_start(self.env, self.states, rng, s.calvin_state_fraction)
         # Randomised looks (lighting, camera, colours) are drawn from the env's own rng: seed it per episode.
         self.env.rng = np.random.default_rng([s.seed, k, 1])
         frames, phases, tasks = [], [], []

@@ -48,11 +48,11 @@ from tqdm import tqdm
 
 from ghil.data.calvin_format import EXPERT_CHUNK_KEY, EXPERT_GOAL_KEY, DatasetWriter, FrameSpec
 from ghil.types import Subgoal
-from sim_eval.demonstrations.collect import episode_key, random_scene
+from sim_eval.demonstrations.collect import episode_key, episode_start
 from sim_eval.demonstrations.expert import ScriptedExpert
 from sim_eval.demonstrations.play import choose_task
 from sim_eval.evaluation.adapter import observation_from_calvin
-from sim_eval.protocol.initial_states import enumerate_symbolic_states, state_to_obs
+from sim_eval.protocol.initial_states import enumerate_symbolic_states
 from sim_eval.protocol.oracle import TaskOracle
 from sim_eval.protocol.tasks import train_phrasings
 from sim_eval.world import layout
@@ -170,10 +170,7 @@ class DaggerRoller:
 
         s = self.settings
         rng = np.random.default_rng([s.seed, k])
-        if rng.random() < s.calvin_state_fraction:
-            robot_obs, scene_obs = state_to_obs(self.states[int(rng.integers(len(self.states)))])
-        else:
-            robot_obs, scene_obs = layout.NEUTRAL_ROBOT_OBS, random_scene(self.env, rng)
+        robot_obs, scene_obs = episode_start(self.env, self.states, rng, s.calvin_state_fraction)
         self.env.rng = np.random.default_rng([s.seed, k, 1])
         self.sim.rng = np.random.default_rng([s.seed, k, 1])
         obs = self.env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
@@ -265,7 +262,6 @@ def roll_episodes(todo: list[int], env_cfg: dict, policy_path: str, settings: Da
 def collect_round(env_cfg: dict, policy_path: str, settings: DaggerSettings, out: Path, episodes: int,
                   workers: int, overwrite: bool = False) -> dict:
     """One round into ``out`` (resumed when it holds the same round's episodes); returns the split counts."""
-    from ghil.checkpoint import load_pretrained  # noqa: F401  (fail here, not in a worker, without torch)
     from ghil.paths import resolve_checkpoint
 
     if episodes < 1:
