@@ -77,8 +77,11 @@ def cli(out_dir, *overrides: str) -> subprocess.Popen:
     """``ghil eval`` in its own session (so the test can signal and inspect its whole process group)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-c", "from ghil.cli import main; main()", "eval", f"eval.out_dir={out_dir}", *overrides]
+    # Ctrl-C as a terminal delivers it: default dispositions, whatever the pytest worker inherited or set (a
+    # process started with SIGINT ignored, e.g. by `nohup ... &`, rightly keeps ignoring it: not what is tested)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, restore_signals=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def group_alive(pgid: int) -> bool:
