@@ -48,7 +48,14 @@ from torch import Tensor, nn
 
 from ghil.checkpoint import PretrainedMixin, coerce_config, register, register_config
 from ghil.data.subgoal_dataset import SubgoalBatch, resize_frames
-from ghil.nn.encoders import ClipTextConfig, HashTextConfig, MiniLMConfig, TextEncoder, build_text_encoder
+from ghil.nn.encoders import (
+    ClipTextConfig,
+    HashTextConfig,
+    MiniLMConfig,
+    TextEncoder,
+    build_text_encoder,
+    cached_rows,
+)
 from ghil.types import Observation
 from policies.ddim import DDIMConfig
 from policies.sampling import Denoise
@@ -285,21 +292,13 @@ class ClipTokenEncoder:
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> Tensor:
-        texts = list(texts)
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if todo:
+        def encode(todo: list[str]) -> Tensor:
             tokens = self.tokenizer(todo, padding="max_length", truncation=True, max_length=self.config.max_length,
                                     return_tensors="pt")
             device = next(self.model.parameters()).device
-            states = self.model(input_ids=tokens["input_ids"].to(device)).last_hidden_state.float().cpu()
-            for text, row in zip(todo, states):
-                self._cache[text] = row
-        out = torch.stack([self._cache[t] for t in texts])
-        for t in texts:
-            self._cache.move_to_end(t)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return out
+            return self.model(input_ids=tokens["input_ids"].to(device)).last_hidden_state.float().cpu()
+
+        return cached_rows(self._cache, list(texts), encode, self.cache_size)
 
 
 class _FrozenParts:

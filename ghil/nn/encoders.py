@@ -164,6 +164,21 @@ class HashTextConfig:
 TextEncoderConfig = MiniLMConfig | ClipTextConfig | HashTextConfig
 
 
+def cached_rows(cache: OrderedDict, texts: list[str], compute, cache_size: int) -> Tensor:
+    """``texts`` looked up in the LRU ``cache`` (str -> tensor row), the missing ones computed together by
+    ``compute(list of new texts) -> rows``, stacked in the order of ``texts``; the cache keeps ``cache_size``."""
+    todo = [t for t in dict.fromkeys(texts) if t not in cache]
+    if todo:
+        for text, row in zip(todo, compute(todo)):
+            cache[text] = row
+    out = torch.stack([cache[t] for t in texts])
+    for t in texts:
+        cache.move_to_end(t)
+    while len(cache) > cache_size:
+        cache.popitem(last=False)
+    return out
+
+
 class TextEncoder(nn.Module):
     """Frozen strings -> ``(B, dim)`` float embeddings, cached per string (instructions repeat a lot)."""
 
@@ -178,21 +193,14 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, texts: Sequence[str]) -> Tensor:
-        texts = list(texts)
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if todo:
+        def embed(todo: list[str]) -> Tensor:
             emb = self._embed(todo).float().cpu()
             if emb.shape != (len(todo), self.dim):
                 raise ValueError(f"{type(self).__name__} returned {tuple(emb.shape)}, expected ({len(todo)}, "
                                  f"{self.dim}); does the config's dim match the weights?")
-            for text, row in zip(todo, emb):
-                self._cache[text] = row
-        out = torch.stack([self._cache[t] for t in texts])
-        for t in texts:
-            self._cache.move_to_end(t)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return out
+            return emb
+
+        return cached_rows(self._cache, list(texts), embed, self.cache_size)
 
 
 class HashTextEncoder(TextEncoder):
