@@ -54,8 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from ghil.config_diff import config_diff
-from ghil.checkpoint import (CONFIG_FILE, HASH_KEY, CheckpointError, load_pretrained, load_state_strict, read_weights,
-                             write_weights)
+from ghil.checkpoint import (CONFIG_FILE, HASH_KEY, CheckpointError, config_to_dict, load_pretrained,
+                             load_state_strict, read_weights, write_weights)
 from ghil.interfaces import Learnable, Logger
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,29 @@ class TrainConfig:
     def effective_warmup_steps(self) -> int:
         """``warmup_steps`` capped at ``total_steps // 10`` (what the schedule uses)."""
         return min(self.warmup_steps, self.total_steps // WARMUP_MAX_FRACTION)
+
+
+# camera -> the `ghil collect` setting that sizes its frames (named by every recipe that refuses a frame size)
+COLLECT_SIZE_SETTINGS = {"rgb_static": "env.static_size", "rgb_gripper": "env.gripper_size"}
+
+
+def resume_fingerprint(model: Any, data: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resume must match, for any recipe: the model's saved configuration (type and init kwargs) and the data
+    settings ``data`` (a plain dict of them) with ``cache`` left out (a packed cache gives exactly the npz frames, so
+    a run may switch between them) and ``root`` resolved."""
+    saved = {"type": getattr(model, "type_name", type(model).__qualname__),
+             "init": {k: config_to_dict(v) for k, v in model.init_kwargs().items()}}
+    kept = {k: v for k, v in data.items() if k != "cache"}
+    return {"model": saved, "data": {**kept, "root": str(Path(data["root"]).resolve())}}
+
+
+def validation_split(root: str | os.PathLike, val_split: str | None, make: Callable[[str], Any]) -> Any:
+    """``make(val_split)`` when ``root`` has that split; None (logged when one was asked for) otherwise."""
+    if val_split and (Path(root) / val_split).is_dir():
+        return make(val_split)
+    if val_split:
+        log.info("%s has no %r split: no validation data (data.val_split=null turns it off)", root, val_split)
+    return None
 
 
 @dataclass

@@ -22,20 +22,12 @@ Usage::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
-from ghil.checkpoint import config_to_dict
 from ghil.data.subgoal_dataset import SubgoalDataConfig, SubgoalDataset, collate_subgoal
-from ghil.train import TrainingSetup
-
-log = logging.getLogger(__name__)
-
-# camera -> the `ghil collect` setting that sizes its frames
-COLLECT_SIZE_SETTINGS = {"rgb_static": "env.static_size", "rgb_gripper": "env.gripper_size"}
+from ghil.train import COLLECT_SIZE_SETTINGS, TrainingSetup, resume_fingerprint, validation_split
 
 
 class FilterRecipe:
@@ -68,11 +60,7 @@ class FilterRecipe:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resume must match: the filter's saved configuration and the data settings (root resolved)."""
-        model = {"type": getattr(self.filter, "type_name", type(self.filter).__qualname__),
-                 "init": {k: config_to_dict(v) for k, v in self.filter.init_kwargs().items()}}
-        # data.cache is left out: the packed cache gives exactly the npz frames, so a run may switch between them.
-        data = {k: v for k, v in asdict(self.data).items() if k != "cache"}
-        return {"model": model, "data": {**data, "root": str(Path(self.data.root).resolve())}}
+        return resume_fingerprint(self.filter, asdict(self.data))
 
     def eval_command(self, checkpoint: str) -> str:
         return f"ghil eval agent=ghil_glue agent.goals.filter.path={checkpoint}"
@@ -83,12 +71,7 @@ class FilterRecipe:
             raise ValueError(f"{self.data.root}/{self.data.split} has no language-annotated frames: the filter trains "
                              "on annotated windows only")
         self.check_frames(dataset)
-        val_dataset = None
-        if self.data.val_split and (Path(self.data.root) / self.data.val_split).is_dir():
-            val_dataset = self.dataset(self.data.val_split)
-        elif self.data.val_split:
-            log.info("%s has no %r split: no validation data (data.val_split=null turns it off)", self.data.root,
-                     self.data.val_split)
+        val_dataset = validation_split(self.data.root, self.data.val_split, self.dataset)
         return TrainingSetup(model=self.filter, dataset=dataset, collate_fn=collate_subgoal, val_dataset=val_dataset,
                              fingerprint=self.fingerprint(), eval_command=self.eval_command)
 

@@ -19,20 +19,14 @@ Usage::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from ghil.checkpoint import config_to_dict
 from ghil.data.subgoal_dataset import SubgoalDataConfig, SubgoalDataset, collate_subgoal
-from ghil.train import TrainingSetup
+from ghil.train import COLLECT_SIZE_SETTINGS, TrainingSetup, resume_fingerprint, validation_split
 
-log = logging.getLogger(__name__)
 
-# camera -> the `ghil collect` setting that sizes its frames
-COLLECT_SIZE_SETTINGS = {"rgb_static": "env.static_size", "rgb_gripper": "env.gripper_size"}
 # the agent that runs each generator type in `ghil run` (issue 12's agent configs)
 RUN_AGENTS = {"susie": "ghil_glue", "video": "ghil_glue_video"}
 
@@ -84,11 +78,7 @@ class GeneratorRecipe:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resume must match: the generator's saved configuration and the data settings (root resolved)."""
-        model = {"type": getattr(self.generator, "type_name", type(self.generator).__qualname__),
-                 "init": {k: config_to_dict(v) for k, v in self.generator.init_kwargs().items()}}
-        # data.cache is left out: the packed cache gives exactly the npz frames, so a run may switch between them.
-        data = {k: v for k, v in asdict(self.data).items() if k != "cache"}
-        return {"model": model, "data": {**data, "root": str(Path(self.data.root).resolve())}}
+        return resume_fingerprint(self.generator, asdict(self.data))
 
     def eval_command(self, checkpoint: str) -> str:
         agent = RUN_AGENTS.get(getattr(self.generator, "type_name", ""), "ghil_glue")
@@ -98,13 +88,9 @@ class GeneratorRecipe:
         dataset = self.dataset(self.data.split)
         self.check_frames(dataset)
         self.check_instructions(dataset)
-        val_dataset = None
-        if self.data.val_split and (Path(self.data.root) / self.data.val_split).is_dir():
-            val_dataset = self.dataset(self.data.val_split)
+        val_dataset = validation_split(self.data.root, self.data.val_split, self.dataset)
+        if val_dataset is not None:
             self.check_instructions(val_dataset)
-        elif self.data.val_split:
-            log.info("%s has no %r split: no validation data (data.val_split=null turns it off)", self.data.root,
-                     self.data.val_split)
         return TrainingSetup(model=self.generator, dataset=dataset, collate_fn=collate_subgoal,
                              val_dataset=val_dataset, fit_statistics=None, fingerprint=self.fingerprint(),
                              eval_command=self.eval_command)

@@ -31,7 +31,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ghil.checkpoint import config_to_dict
 from ghil.data.policy_dataset import (
     ConcatPolicyDataset,
     PolicyDataConfig,
@@ -39,12 +38,9 @@ from ghil.data.policy_dataset import (
     collate_policy,
     compute_policy_stats,
 )
-from ghil.train import TrainingSetup
+from ghil.train import COLLECT_SIZE_SETTINGS, TrainingSetup, resume_fingerprint, validation_split
 
 log = logging.getLogger(__name__)
-
-# camera -> the `ghil collect` setting that sizes its frames
-COLLECT_SIZE_SETTINGS = {"rgb_static": "env.static_size", "rgb_gripper": "env.gripper_size"}
 
 
 class PolicyRecipe:
@@ -130,14 +126,11 @@ class PolicyRecipe:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resume must match: the policy's saved configuration and the data settings (root resolved)."""
-        model = {"type": getattr(self.policy, "type_name", type(self.policy).__qualname__),
-                 "init": {k: config_to_dict(v) for k, v in self.policy.init_kwargs().items()}}
-        # data.cache is left out: the packed cache gives exactly the npz samples, so a run may switch between them.
-        data = {k: v for k, v in asdict(self.data).items() if k != "cache"}
+        data = asdict(self.data)
         data["extra_roots"] = [str(Path(r).resolve()) for r in self.data.extra_roots]
         if not data["extra_roots"]:
             del data["extra_roots"]  # (absent when unused: fingerprints of earlier runs stay valid)
-        return {"model": model, "data": {**data, "root": str(Path(self.data.root).resolve())}}
+        return resume_fingerprint(self.policy, data)
 
     def eval_command(self, checkpoint: str) -> str:
         agent = "oracle_subgoal_policy" if self.policy.config.use_goal else "flat_policy"
@@ -153,12 +146,7 @@ class PolicyRecipe:
             self.load_frozen_encoders(dataset)  # frame sizes: checked against the cache's encoder settings
         else:
             self.check_frame_sizes(dataset)
-        val_dataset = None
-        if self.data.val_split and (Path(self.data.root) / self.data.val_split).is_dir():
-            val_dataset = self.dataset(self.data.val_split)
-        elif self.data.val_split:
-            log.info("%s has no %r split: no validation data (data.val_split=null turns it off)", self.data.root,
-                     self.data.val_split)
+        val_dataset = validation_split(self.data.root, self.data.val_split, self.dataset)
         return TrainingSetup(model=self.policy, dataset=self.training_dataset(dataset), collate_fn=collate_policy,
                              val_dataset=val_dataset,
                              fit_statistics=lambda: self.fit_statistics(dataset), fingerprint=self.fingerprint(),

@@ -24,19 +24,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from ghil.checkpoint import config_to_dict
 from ghil.data.frame_dataset import FrameDataset, collate_frames
-from ghil.train import TrainingSetup
+from ghil.train import COLLECT_SIZE_SETTINGS, TrainingSetup, resume_fingerprint, validation_split
 
 __all__ = ["AutoencoderDataConfig", "AutoencoderRecipe"]
 
 log = logging.getLogger(__name__)
-
-# camera -> the `ghil collect` setting that sizes its frames
-COLLECT_SIZE_SETTINGS = {"rgb_static": "env.static_size", "rgb_gripper": "env.gripper_size"}
 
 
 @dataclass(frozen=True)
@@ -88,12 +83,9 @@ class AutoencoderRecipe:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resume must match: the model's saved configuration and the data settings (root resolved)."""
-        model = {"type": getattr(self.autoencoder, "type_name", type(self.autoencoder).__qualname__),
-                 "init": {k: config_to_dict(v) for k, v in self.autoencoder.init_kwargs().items()}}
-        # data.cache is left out: the packed cache gives exactly the npz frames, so a run may switch between them.
-        data = {k: v for k, v in asdict(self.data).items() if k != "cache"}
+        data = asdict(self.data)
         data["cameras"] = list(data["cameras"])
-        return {"model": model, "data": {**data, "root": str(Path(self.data.root).resolve())}}
+        return resume_fingerprint(self.autoencoder, data)
 
     def eval_command(self, checkpoint: str) -> str:
         cache = f" --cache {self.data.cache}" if self.data.cache else ""
@@ -103,13 +95,9 @@ class AutoencoderRecipe:
     def build(self) -> TrainingSetup:
         dataset = self.dataset(self.data.split)
         self.check_frames(dataset)
-        val_dataset = None
-        if self.data.val_split and (Path(self.data.root) / self.data.val_split).is_dir():
-            val_dataset = self.dataset(self.data.val_split)
+        val_dataset = validation_split(self.data.root, self.data.val_split, self.dataset)
+        if val_dataset is not None:
             self.check_frames(val_dataset)
-        elif self.data.val_split:
-            log.info("%s has no %r split: no validation data (data.val_split=null turns it off)", self.data.root,
-                     self.data.val_split)
         log.info("autoencoder training on %d frames x %d camera(s) of %s", dataset.n_frames, len(self.data.cameras),
                  dataset.split_dir)
         return TrainingSetup(model=self.autoencoder, dataset=dataset, collate_fn=collate_frames,
