@@ -203,9 +203,16 @@ class Subgoal:
     scores: np.ndarray | None = None  # (K,) float, higher means keep
     chosen: int = 0  # index of the kept candidate
     source: str = ""  # which stage made it: "oracle", "susie", ...
+    tokens: np.ndarray | None = None  # (n_tokens, W) float: the goal in the policy's goal-encoder space, when a
+    # token-space generator made it (``image`` is then its decoded preview); the policy steers by these
 
     def __post_init__(self) -> None:
         _check_image("image", self.image, 3)
+        if self.tokens is not None:
+            tokens = np.asarray(self.tokens)
+            if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.floating) or not np.isfinite(tokens).all():
+                raise ValueError(f"Subgoal.tokens must be finite float (n_tokens, W), got {tokens.dtype} "
+                                 f"{tokens.shape}")
         if self.clip is not None:
             _check_image("clip", self.clip, 4)
         if self.candidates is not None:

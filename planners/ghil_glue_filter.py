@@ -171,6 +171,24 @@ def build_negatives(instructions: Sequence[str], episodes: Sequence[int] | Tenso
     return PairPlan(kind=kind, current=current, goal=goal, text=text, clean=clean)
 
 
+def progress_loss(logits: Tensor, plan: PairPlan) -> tuple[Tensor, dict[str, float]]:
+    """BCE of a filter's (B,) logits against the plan's labels, with the accuracy overall and per kind of pair."""
+    labels = plan.labels.to(logits.device)
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    correct = ((logits.detach() > 0).float() == labels).float().cpu()
+    metrics = {"loss": float(loss.detach()), "acc": float(correct.mean())}
+    # Per-kind accuracy only for kinds this batch size has (the counts depend on the batch size alone, so the
+    # logged keys are the same at every step).
+    for k, name in enumerate(KINDS):
+        rows = plan.kind == k
+        if rows.any():
+            metrics[f"acc_{name}"] = float(correct[rows].mean())
+    negatives = plan.kind != POSITIVE
+    if negatives.any():
+        metrics["noisy_negatives"] = float((~plan.clean[negatives]).float().mean())
+    return loss, metrics
+
+
 # -- the classifier ---------------------------------------------------------------------------------------------
 
 
@@ -423,20 +441,7 @@ class GhilGlueFilter(PretrainedMixin, nn.Module):
         current, goal = self._prepare(stack[plan.current.to(device)], stack[plan.goal.to(device)],
                                       train=self.training)
         logits = self._logits(current, goal, self._embed([instructions[i] for i in plan.text.tolist()]))
-        labels = plan.labels.to(device)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        correct = ((logits.detach() > 0).float() == labels).float().cpu()
-        metrics = {"loss": float(loss.detach()), "acc": float(correct.mean())}
-        # Per-kind accuracy only for kinds this batch size has (the counts depend on the batch size alone, so
-        # the logged keys are the same at every step).
-        for k, name in enumerate(KINDS):
-            rows = plan.kind == k
-            if rows.any():
-                metrics[f"acc_{name}"] = float(correct[rows].mean())
-        negatives = plan.kind != POSITIVE
-        if negatives.any():
-            metrics["noisy_negatives"] = float((~plan.clean[negatives]).float().mean())
-        return loss, metrics
+        return progress_loss(logits, plan)
 
 
 class FirstCandidate:
@@ -455,4 +460,4 @@ class FirstCandidate:
 
 
 __all__ = ["GhilGlueFilter", "GhilGlueFilterConfig", "FiLMResNet", "FirstCandidate", "NegativeFractions",
-           "PairPlan", "build_negatives", "negative_counts", "check_candidates", "last_frames", "KINDS"]
+           "PairPlan", "build_negatives", "progress_loss", "negative_counts", "check_candidates", "last_frames", "KINDS"]

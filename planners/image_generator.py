@@ -674,6 +674,7 @@ class SusieGenerator(DiffusionSubgoalModel):
         super().__init__(config if config is not None else SusieConfig(), sampler, unet_config)
 
     def propose(self, obs: Observation, subtask: str, n_candidates: int, n_steps: int | None = None,
-                generator: torch.Generator | None = None) -> np.ndarray:
+                generator: torch.Generator | None = None, image_guidance: float | None = None,
+                text_guidance: float | None = None) -> np.ndarray:
         """``n_candidates`` goal images (K, H, W, 3) uint8 at the camera's size, from one batched call."""
-        return self.generate(obs, subtask, n_candidates, n_steps, generator)[:, 0]
+        return self.generate(obs, subtask, n_candidates, n_steps, generator, image_guidance, text_guidance)[:, 0]

@@ -40,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 from typing import Any
@@ -93,6 +94,18 @@ def check_generated(value: Any, n_candidates: int, frame_shape: tuple[int, ...])
     return np.ascontiguousarray(array)
 
 
+def check_tokens(value: Any, n_candidates: int) -> np.ndarray:
+    """A token generator's candidates as finite float32 (K, n_tokens, W); ``RejectedCandidates`` otherwise."""
+    array = _as_array(value)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise RejectedCandidates(f"tokens of dtype {array.dtype}, not float")
+    if array.ndim != 3 or len(array) != n_candidates:
+        raise RejectedCandidates(f"tokens of shape {array.shape}, expected ({n_candidates}, n_tokens, W)")
+    if not np.isfinite(array).all():
+        raise RejectedCandidates(f"non-finite values ({int((~np.isfinite(array)).sum())} NaN/inf) in the tokens")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
 class GeneratedSubgoals:
     """Generator + filter + replanning timer, a ``GoalProvider`` and ``Seedable`` (see the module docstring).
 
@@ -106,7 +119,8 @@ class GeneratedSubgoals:
     def __init__(self, generator: SubgoalGenerator, filter: SubgoalFilter, n_candidates: int = 4,
                  replan_every: int = 20, camera: str = "rgb_static", follow_clip: bool = False,
                  clip_horizon: int | None = None, clip_lead: int = 4, exec_len: int | None = None,
-                 source: str | None = None):
+                 source: str | None = None, n_steps: int | None = None, image_guidance: float | None = None,
+                 text_guidance: float | None = None):
         if not isinstance(generator, SubgoalGenerator):
             raise TypeError(f"generator must be a ghil.interfaces.SubgoalGenerator (propose(obs, subtask, "
                             f"n_candidates)), got {type(generator).__name__}")
@@ -117,7 +131,7 @@ class GeneratedSubgoals:
                                  ("clip_lead", clip_lead, 0)):
             if not _is_int(value) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        for name, value in (("exec_len", exec_len), ("clip_horizon", clip_horizon)):
+        for name, value in (("exec_len", exec_len), ("clip_horizon", clip_horizon), ("n_steps", n_steps)):
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
         self.generator = generator
@@ -129,11 +143,40 @@ class GeneratedSubgoals:
         self.clip_horizon = int(clip_horizon) if clip_horizon is not None else None
         self.clip_lead = int(clip_lead)
         self.exec_len = int(exec_len) if exec_len is not None else None
+        # The generator's sampler steps per replan (None: its checkpoint's default); checked once here.
+        self.n_steps = int(n_steps) if n_steps is not None else None
+        if self.n_steps is not None:
+            sampler = getattr(generator, "sampler", None)
+            if sampler is None or not callable(getattr(sampler, "check_steps", None)):
+                raise ValueError(f"n_steps={n_steps} was given but {type(generator).__name__} has no sampler to set")
+            sampler.check_steps(self.n_steps)
+        # Guidance scales per replan (None: the generator's configured ones); only generators whose propose takes
+        # them (the diffusion generators) accept a value.
+        self.guidance = {k: float(v) for k, v in (("image_guidance", image_guidance), ("text_guidance", text_guidance))
+                         if v is not None}
+        for key, value in self.guidance.items():
+            if not math.isfinite(value):
+                raise ValueError(f"{key} must be finite, got {value}")
+            target = getattr(generator, "propose_tokens", None) or getattr(generator, "generate", None)
+            if target is None or key not in inspect.signature(target).parameters:
+                raise ValueError(f"{key} was given but {type(generator).__name__} takes no guidance scale")
         self.source = source or getattr(generator, "type_name", "") or type(generator).__name__
         self._warned_once: set[str] = set()  # warnings about the set-up itself: once per provider
         self.reset()
 
+    @property
+    def _steps(self) -> dict[str, Any]:
+        return {**({} if self.n_steps is None else {"n_steps": self.n_steps}), **self.guidance}
+
     # -- GoalProvider / Seedable --------------------------------------------------------------------------------
+
+    def bind_policy(self, policy: Any) -> None:
+        """Hand the policy to stages that work in its encoder token space (``PolicyAgent`` calls this): they check
+        the space matches and share its per-frame tokens. Stages without ``bind_policy`` are left alone."""
+        for stage in (self.generator, self.filter):
+            bind = getattr(stage, "bind_policy", None)
+            if callable(bind):
+                bind(policy)
 
     def seed(self, seed: int) -> None:
         """Restart the generator's (and a seedable filter's) random streams from ``seed``."""
@@ -202,11 +245,19 @@ class GeneratedSubgoals:
             raise ValueError(f"generated subgoals show camera {self.camera!r}, which the observation lacks (has "
                              f"{sorted(obs.images)})")
         frame_shape = tuple(np.shape(obs.images[self.camera]))
+        tokens = None
         try:
-            # Video generators give whole clips, so the policy can follow the chosen one (their propose() returns
-            # only the last frames).
-            propose = getattr(self.generator, "propose_clips", self.generator.propose)
-            candidates = check_generated(propose(obs, text, self.n_candidates), self.n_candidates, frame_shape)
+            propose_tokens = getattr(self.generator, "propose_tokens", None)
+            if callable(propose_tokens):  # a token-space generator: its tokens steer the policy, previews are shown
+                raw_tokens, previews = propose_tokens(obs, text, self.n_candidates, **self._steps)
+                tokens = check_tokens(raw_tokens, self.n_candidates)
+                candidates = check_generated(previews, self.n_candidates, frame_shape)
+            else:
+                # Video generators give whole clips, so the policy can follow the chosen one (their propose()
+                # returns only the last frames).
+                propose = getattr(self.generator, "propose_clips", self.generator.propose)
+                candidates = check_generated(propose(obs, text, self.n_candidates, **self._steps), self.n_candidates,
+                                             frame_shape)
         except (RejectedCandidates, NonFiniteSubgoalError) as err:
             self.n_rejected += 1
             if self._subgoal is None:
@@ -217,12 +268,17 @@ class GeneratedSubgoals:
                                "the previous subgoal and retrying at the next request",
                                type(self.generator).__name__, err, now)
             return
-        raw_scores = self.filter.score(obs, candidates, text)
+        score_tokens = getattr(self.filter, "score_tokens", None)
+        if tokens is not None and callable(score_tokens):
+            raw_scores = score_tokens(obs, tokens, text)
+        else:
+            raw_scores = self.filter.score(obs, candidates, text)
         chosen, scores = self._choose(raw_scores, len(candidates), now)
         clip = candidates[chosen] if candidates.ndim == 5 else None
         image = clip[-1] if clip is not None else candidates[chosen]
         self._subgoal = Subgoal(image=np.ascontiguousarray(image), clip=clip, candidates=candidates, scores=scores,
-                                chosen=chosen, source=self.source)
+                                chosen=chosen, source=self.source,
+                                tokens=None if tokens is None else np.ascontiguousarray(tokens[chosen]))
         self._instruction, self._t_replan, self._retry = text, now, False
         self.n_replans += 1
 
@@ -258,4 +314,4 @@ class GeneratedSubgoals:
         return dataclasses.replace(self._subgoal, image=np.ascontiguousarray(clip[index]))
 
 
-__all__ = ["GeneratedSubgoals", "RejectedCandidates", "check_generated"]
+__all__ = ["GeneratedSubgoals", "RejectedCandidates", "check_generated", "check_tokens"]

@@ -260,6 +260,7 @@ class DiTPolicy(PretrainedMixin, nn.Module):
         self.augment = ImageAugment(config.augment)
         self._text: list[TextEncoder] = []  # built lazily; outside the module tree (frozen, not checkpointed)
         self._ema: list[nn.Module] = []  # EMA copy for bootstrap targets, attached by the trainer
+        self._frame_memo: list[Any] = []  # [observation, its tokens]: frame_tokens' one-entry cache
 
     def init_kwargs(self) -> dict[str, Any]:
         return {"config": self.config, "sampler": self.sampler.config}
@@ -530,6 +531,52 @@ class DiTPolicy(PretrainedMixin, nn.Module):
         """The encoder pass alone, without augmentation: (B, depth, W) conditions shared by every sampler step."""
         return self._condition(self._prepare(images, goal, train=False), proprio, instructions)
 
+    # -- tokens shared with the planner stages ---------------------------------------------------------------------
+
+    def encoder_sha256(self) -> str:
+        """SHA-256 of the camera and goal encoders' weights: the identity of the token space that planner stages
+        trained on this policy's frozen encoders (``planners/token_subgoals.py``) work in."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        modules = {f"camera_encoders.{c}": m for c, m in self.camera_encoders.items()}
+        if self.goal_encoder is not None:
+            modules["goal_encoder"] = self.goal_encoder
+        for prefix, module in sorted(modules.items()):
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(f"{prefix}.{name}".encode())
+                digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    @torch.no_grad()
+    def frame_tokens(self, obs: Observation) -> dict[str, Tensor]:
+        """(1, n_tokens, W) tokens of ``obs``'s frames without augmentation: every camera, and ``"__goal__"`` = the
+        goal encoder on the goal camera's *current* frame (the space goal tokens live in). Computed once per
+        observation object and kept until the next one, so the generator, the filter and the policy bound to this
+        policy encode each frame once per step (``ghil featurize`` caches the same tokens for training)."""
+        memo = self._frame_memo
+        if memo and memo[0] is obs:
+            return memo[1]
+        cfg = self.config
+        missing = [c for c in cfg.cameras if c not in obs.images]
+        if missing:
+            raise KeyError(f"missing camera(s) {missing}; the policy's encoders need {list(cfg.cameras)}, got "
+                           f"{sorted(obs.images)}")
+        images = {c: _to_tensor(obs.images[c], f"image {c!r}") for c in cfg.cameras}
+        for cam in cfg.cameras:
+            self._check_image(cam, images[cam], cfg.image_size[cam], batched=False)
+        device = next(self.parameters()).device
+        batch = {c: v[None].to(device) for c, v in images.items()}
+        goal = batch[cfg.goal_camera] if cfg.use_goal else None
+        was_training = self.training
+        self.eval()
+        try:
+            tokens = self.image_tokens(self._prepare(batch, goal, train=False))
+        finally:
+            self.train(was_training)
+        self._frame_memo[:] = [obs, tokens]
+        return tokens
+
     @torch.no_grad()
     def sample_actions(self, images: Mapping[str, Tensor], goal: Tensor | None, proprio: Tensor,
                        instructions: Sequence[str | None] | None = None, n_steps: int | None = None,
@@ -550,6 +597,18 @@ class DiTPolicy(PretrainedMixin, nn.Module):
         self.eval()
         try:
             cond = self.encode_observation(images, goal, proprio, instructions)
+        finally:
+            self.train(was_training)
+        return self._sample_from_condition(cond, n_steps, generator)
+
+    def _sample_from_condition(self, cond: Tensor, n_steps: int | None,
+                               generator: torch.Generator | None) -> Tensor:
+        """(B, depth, W) conditions -> (B, chunk_len, action_dim) actions in robot units, clipped and checked."""
+        cfg = self.config
+        device = cond.device
+        was_training = self.training
+        self.eval()
+        try:
             b = cond.shape[0]
             noise = torch.randn(b, cfg.chunk_len, cfg.action_dim, generator=generator,
                                 device=generator.device if generator is not None else device).to(device)
@@ -567,8 +626,14 @@ class DiTPolicy(PretrainedMixin, nn.Module):
         return binarize_gripper(torch.maximum(torch.minimum(actions, high), low), self.space.gripper_index)
 
     def predict_chunk(self, obs: Observation, goal: Any = None, n_steps: int | None = None,
-                      generator: torch.Generator | None = None) -> ActionChunk:
-        """One chunk for one observation. ``goal``: (H, W, 3) uint8 image (None for no-goal policies)."""
+                      generator: torch.Generator | None = None, goal_tokens: Any = None) -> ActionChunk:
+        """One chunk for one observation. ``goal``: (H, W, 3) uint8 image (None for no-goal policies).
+
+        ``goal_tokens``: the goal already in this policy's goal-encoder space, (n_tokens, W) floats (a token-space
+        subgoal generator's output, ``Subgoal.tokens``); it replaces the goal image, and the cameras' tokens come
+        from ``frame_tokens(obs)``, shared with the planner stages."""
+        if goal_tokens is not None:
+            return self._predict_from_tokens(obs, goal_tokens, n_steps, generator)
         # Only the policy's cameras are read: a lazy camera mapping (the playtable's) renders nothing else.
         images = {k: _to_tensor(obs.images[k], f"image {k!r}") for k in self.config.cameras if k in obs.images}
         proprio = _to_tensor(obs.proprio, "proprio")
@@ -581,6 +646,43 @@ class DiTPolicy(PretrainedMixin, nn.Module):
         actions = self.sample_actions({k: v[None] for k, v in images.items()},
                                       goal_t[None] if goal_t is not None else None, proprio[None],
                                       [obs.instruction] if self.config.use_language else None, n_steps, generator)
+        return ActionChunk(actions=actions[0].cpu(), t0=int(obs.t), space=self.space.name)
+
+
+    @torch.no_grad()
+    def _predict_from_tokens(self, obs: Observation, goal_tokens: Any, n_steps: int | None,
+                             generator: torch.Generator | None) -> ActionChunk:
+        cfg = self.config
+        if not cfg.use_goal:
+            raise ValueError("this policy takes no goal (use_goal=False); goal_tokens must be None")
+        if n_steps is not None:
+            self.sampler.check_steps(n_steps)
+        if not self.normalizer.is_fitted:
+            raise RuntimeError("policy normaliser was never fitted: this model was not trained (or its checkpoint "
+                               "lost its statistics)")
+        goal = _to_tensor(goal_tokens, "goal_tokens")
+        want = (cfg.image_encoder.n_tokens, cfg.width)
+        if tuple(goal.shape) != want or not torch.is_floating_point(goal):
+            raise ValueError(f"goal_tokens must be float {want} (the goal encoder's tokens), got {goal.dtype} "
+                             f"{tuple(goal.shape)}")
+        if not torch.isfinite(goal).all():
+            raise ValueError("goal_tokens contain NaN/inf values")
+        proprio = _to_tensor(obs.proprio, "proprio")
+        if proprio.is_complex() or proprio.dtype == torch.bool:
+            raise TypeError(f"proprio must hold real numbers, got dtype {proprio.dtype}")
+        proprio = proprio.float()
+        self._check_inputs({}, None, proprio, [obs.instruction], batched=False, check_images=False)
+        tokens = dict(self.frame_tokens(obs))
+        device = tokens["__goal__"].device
+        tokens["__goal__"] = goal.to(device).float()[None]
+        was_training = self.training
+        self.eval()
+        try:
+            cond = self._condition_from_tokens(tokens, proprio[None].to(device),
+                                               [obs.instruction] if cfg.use_language else None)
+        finally:
+            self.train(was_training)
+        actions = self._sample_from_condition(cond, n_steps, generator)
         return ActionChunk(actions=actions[0].cpu(), t0=int(obs.t), space=self.space.name)
 
 

@@ -176,6 +176,25 @@ class SubgoalDataset:
             return lo
         return int(np.random.default_rng((self.config.seed, self.epoch, int(idx), 2)).integers(lo, hi + 1))
 
+    def pair(self, idx: int) -> dict[str, object]:
+        """Sample ``idx`` without its images: ``frame_id``, ``future_ids`` (the clip's frame ids, the goal's last),
+        ``goal_frame_id``, ``episode_row``, ``instruction``, ``task`` (token-space datasets read only these)."""
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for {len(self)} samples")
+        idx = int(idx) % len(self)
+        cfg = self.config
+        index = self.frames.index
+        start = int(index.starts[idx])
+        end = int(self._window_end[idx])
+        k = self.horizon_of(idx)
+        # Future frames at evenly spaced offsets whose last is k (the goal); each clipped to the window's end.
+        offsets = np.round(np.linspace(k / cfg.n_frames, k, cfg.n_frames)).astype(np.int64)
+        future_ids = np.minimum(start + offsets, end)
+        lang_row = int(index.lang_rows[idx])
+        return {"frame_id": start, "future_ids": future_ids, "goal_frame_id": int(future_ids[-1]),
+                "episode_row": int(index.episode_rows[idx]), "instruction": str(self.frames.lang.ann[lang_row]),
+                "task": str(self.frames.lang.task[lang_row])}
+
     def __getitem__(self, idx: int) -> dict[str, object]:
         if not -len(self) <= idx < len(self):
             raise IndexError(f"index {idx} out of range for {len(self)} samples")

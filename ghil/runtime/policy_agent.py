@@ -66,6 +66,11 @@ class PolicyAgent:
             raise ValueError(f"this policy takes no goal image (uses_goal=false, a language-only checkpoint), but "
                              f"the agent was given the goal provider {type(goals).__name__}: use agent=flat_policy, "
                              "or a goal-conditioned checkpoint")
+        # Planner stages that work in the policy's encoder token space (planners/token_subgoals.py) check that
+        # space here and from now on share the policy's per-frame tokens (each frame encoded once per step).
+        bind = getattr(goals, "bind_policy", None)
+        if callable(bind):
+            bind(policy)
         self.policy = policy
         self.goals = goals
         self.exec_len = int(exec_len or policy.exec_len)
@@ -92,9 +97,11 @@ class PolicyAgent:
             if self.policy.uses_goal and self._subgoal is None:
                 raise RuntimeError(f"{type(self.goals).__name__} returned no goal for a goal-conditioned policy")
             goal = None if self._subgoal is None else self._subgoal.image
+            tokens = None if self._subgoal is None else self._subgoal.tokens
+            extra = {} if tokens is None else {"goal_tokens": tokens}  # a token-space subgoal: steer by its tokens
             with torch.no_grad():
                 self.queue.push(self.policy.predict_chunk(obs, goal, n_steps=self.n_steps,
-                                                          generator=self._generator))
+                                                          generator=self._generator, **extra))
         return self.queue.pop().numpy().astype(np.float64)
 
     def describe(self) -> AgentDescription:

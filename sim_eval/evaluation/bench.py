@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> dict:
     figures["replans"] = len(seconds.get("replan", []))
     figures["setup"] = {"instruction": instruction, "tasks": tasks, "initial_state_chain": index,
                         "n_steps": n_steps, "warmup_steps": int(b.warmup_steps), "seed": int(b.seed),
-                        "threads": _threads(), "stages_timed": timed, "tasks_completed": episodes * len(tasks) + task_k}
+                        "threads": _threads(), "stages_timed": [name for name in timed if seconds.get(name)], "tasks_completed": episodes * len(tasks) + task_k}
     if b.json:
         print(json.dumps(figures))
     else:
