@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--horizon", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: each generator's own)")
     ap.add_argument("--filter-batches", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                           instruction=str(p["instruction"]), t=0)
         return obs, truth
 
-    report: dict = {"split": args.split, "n": int(len(rows)), "k": args.k, "horizon": args.horizon,
+    report: dict = {"split": args.split, "n": int(len(rows)), "k": args.k, "horizon": args.horizon, "steps": args.steps,
                     "seed": args.seed, "generators": {}}
     for path in args.generator:
         gen = load_pretrained(path).eval()
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
             obs, truth = observation(i)
             text = obs.instruction
             if hasattr(gen, "propose_tokens"):
-                tokens, images = gen.propose_tokens(obs, text, args.k)
+                tokens, images = gen.propose_tokens(obs, text, args.k, n_steps=args.steps)
                 tokens = torch.from_numpy(tokens)
             else:
-                images = gen.propose(obs, text, args.k)
+                images = gen.propose(obs, text, args.k, n_steps=args.steps)
                 tokens = filt.space.encode_goals(images)
             scores = filt.score_tokens(obs, tokens.numpy(), text)
             true_tok = filt.space.encode_goals(truth[None])[0]
