@@ -260,7 +260,7 @@ class DiTPolicy(PretrainedMixin, nn.Module):
         self.augment = ImageAugment(config.augment)
         self._text: list[TextEncoder] = []  # built lazily; outside the module tree (frozen, not checkpointed)
         self._ema: list[nn.Module] = []  # EMA copy for bootstrap targets, attached by the trainer
-        self._frame_memo: list[Any] = []  # [observation, its tokens]: frame_tokens' one-entry cache
+        self._frame_memo: tuple[Any, dict[str, Tensor]] | None = None  # frame_tokens' one-entry cache
 
     def init_kwargs(self) -> dict[str, Any]:
         return {"config": self.config, "sampler": self.sampler.config}
@@ -554,8 +554,8 @@ class DiTPolicy(PretrainedMixin, nn.Module):
         goal encoder on the goal camera's *current* frame (the space goal tokens live in). Computed once per
         observation object and kept until the next one, so the generator, the filter and the policy bound to this
         policy encode each frame once per step (``ghil featurize`` caches the same tokens for training)."""
-        memo = self._frame_memo
-        if memo and memo[0] is obs:
+        memo = self._frame_memo  # one immutable (obs, tokens) pair: safe to read while another thread replaces it
+        if memo is not None and memo[0] is obs:
             return memo[1]
         cfg = self.config
         missing = [c for c in cfg.cameras if c not in obs.images]
@@ -574,7 +574,7 @@ class DiTPolicy(PretrainedMixin, nn.Module):
             tokens = self.image_tokens(self._prepare(batch, goal, train=False))
         finally:
             self.train(was_training)
-        self._frame_memo[:] = [obs, tokens]
+        self._frame_memo = (obs, tokens)
         return tokens
 
     @torch.no_grad()

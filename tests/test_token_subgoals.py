@@ -876,3 +876,19 @@ def test_predict_chunk_with_goal_tokens_is_the_image_path_and_validates_them(spa
         no_goal.predict_chunk(o, goal_tokens=tokens)
     with pytest.raises(RuntimeError, match="normaliser"):
         DiTPolicy(tiny_config(), ShortcutConfig()).predict_chunk(o, goal_tokens=tokens)
+
+
+def test_the_token_hierarchy_runs_with_asynchronous_subgoals(space):
+    from ghil.runtime.async_goals import AsyncGoals
+
+    policy = DiTPolicy.from_pretrained(space.ckpt).eval()
+    inner = GeneratedSubgoals(make_generator(space), make_filter(space), n_candidates=3, replan_every=4)
+    with AsyncGoals(inner) as goals:
+        agent = PolicyAgent(policy, goals, exec_len=2, seed=0)  # binds the token stages through the wrapper
+        assert inner.generator.space._policy is policy and inner.filter.space._policy is policy
+        agent.reset()
+        actions = np.stack(_run(agent, 12))
+        assert goals.wait_idle(10)
+        assert actions.shape == (12, 7) and np.isfinite(actions).all() and (np.abs(actions) <= 1.0).all()
+        assert inner.n_replans >= 2 and goals.errors == 0  # replans ran on the worker beside the loop
+        assert agent.describe().subgoal.tokens is not None
