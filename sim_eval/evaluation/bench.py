@@ -100,10 +100,19 @@ def run(cfg: DictConfig) -> dict:
     reset_agent(agent, int(b.seed), 0)
     start_info, task_k, episodes = env.get_info(), 0, 0
     act_s, env_s = [], []
+    queue = getattr(inner, "queue", None)  # chunk policies: which steps start a new chunk (hand-over)
+    pushed, deltas = (queue.n_pushed if queue is not None else 0), {"handover": [], "within": []}
+    previous = None
     for step in range(n_steps + int(b.warmup_steps)):
         t0 = time.perf_counter()
         action = agent.step(obs, instruction)
         t1 = time.perf_counter()
+        if queue is not None:
+            new_chunk, pushed = queue.n_pushed != pushed, queue.n_pushed
+            continuous = np.asarray(action, dtype=np.float64)[:6]  # gripper excluded: it switches by design
+            if previous is not None and step >= int(b.warmup_steps):
+                deltas["handover" if new_chunk else "within"].append(float(np.linalg.norm(continuous - previous)))
+            previous = continuous
         obs, _, _, info = env.step(validate_action(action))
         _render(obs)
         t2 = time.perf_counter()
@@ -118,6 +127,7 @@ def run(cfg: DictConfig) -> dict:
                 obs, task_k, episodes = _render(env.reset(*state_to_obs(state))), 0, episodes + 1
             reset_agent(agent, int(b.seed) + episodes, task_k)
             start_info = env.get_info()
+            previous = None  # a new subtask's first action is no hand-over
     seconds = dict(timer.seconds)
     figures: dict = {f"{name}_ms": percentiles_ms(seconds[name]) for name in timed if seconds.get(name)}
     if seconds.get("policy") and seconds.get("encoder") and len(seconds["policy"]) == len(seconds["encoder"]):
@@ -127,6 +137,12 @@ def run(cfg: DictConfig) -> dict:
     figures["actions_per_s"] = round(len(act_s) / sum(act_s), 2)
     figures["env_actions_per_s"] = round(len(act_s) / (sum(act_s) + sum(env_s)), 2)
     figures["replans"] = len(seconds.get("replan", []))
+    if deltas["handover"] and deltas["within"]:
+        # Relative actions are deltas from the measured pose, so every chunk starts from the measured state; the
+        # jump is how much the commanded action changes at a chunk boundary vs between two steps of one chunk.
+        figures["action_jump"] = {k: {"p50": round(float(np.percentile(v, 50)), 4),
+                                      "p95": round(float(np.percentile(v, 95)), 4), "n": len(v)}
+                                  for k, v in deltas.items()}
     figures["setup"] = {"instruction": instruction, "tasks": tasks, "initial_state_chain": index,
                         "n_steps": n_steps, "warmup_steps": int(b.warmup_steps), "seed": int(b.seed),
                         "threads": _threads(), "stages_timed": [name for name in timed if seconds.get(name)], "tasks_completed": episodes * len(tasks) + task_k}
