@@ -460,4 +460,5 @@ class FirstCandidate:
 
 
 __all__ = ["GhilGlueFilter", "GhilGlueFilterConfig", "FiLMResNet", "FirstCandidate", "NegativeFractions",
-           "PairPlan", "build_negatives", "progress_loss", "negative_counts", "check_candidates", "last_frames", "KINDS"]
+           "PairPlan", "build_negatives", "progress_loss", "negative_counts", "check_candidates", "last_frames",
+           "KINDS"]

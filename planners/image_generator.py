@@ -62,7 +62,7 @@ from policies.sampling import Denoise
 from policies.shortcut import ShortcutConfig
 
 __all__ = ["ClipTokensConfig", "ClipTokenEncoder", "DiffusionSubgoalModel", "GeneratorConfig", "HubWeights",
-           "NonFiniteSubgoalError", "SusieConfig", "SusieGenerator", "UNetConfig", "condition_dropout",
+           "NonFiniteSubgoalError", "check_instruction", "SusieConfig", "SusieGenerator", "UNetConfig", "condition_dropout",
            "dual_guidance", "guided_denoise"]
 
 SAMPLER_CONFIGS = (DDIMConfig, ShortcutConfig)
@@ -225,6 +225,19 @@ class GeneratorConfig:
 class SusieConfig(GeneratorConfig):
     """The image generator's settings. The defaults are ``ghil/configs/generator/susie_small.yaml`` (the CPU
     preset; tests/test_generators.py keeps the two equal); ``instruct_pix2pix.yaml`` is the latent GPU preset."""
+
+
+def check_instruction(text: Any, max_len: int, name: str = "subtask") -> str:
+    """``text`` when it is a non-empty string of at most ``max_len`` characters; a ValueError naming ``name``
+    otherwise (every subgoal stage checks its instruction with this)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string instruction, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{name} is empty: a subgoal stage needs an instruction to work towards")
+    if len(text) > max_len:
+        raise ValueError(f"{name} is too long: {len(text)} characters, at most {max_len} (max_text_len) "
+                         f"({text[:60]!r}...)")
+    return text
 
 
 # -- guidance and condition dropout -----------------------------------------------------------------------------
@@ -480,13 +493,7 @@ class DiffusionSubgoalModel(PretrainedMixin, nn.Module):
 
     def check_text(self, text: Any, name: str = "subtask") -> str:
         """ValueError unless ``text`` is a non-empty instruction the text encoder can take whole."""
-        if not isinstance(text, str):
-            raise ValueError(f"{name} must be a string instruction, got {type(text).__name__}")
-        if not text.strip():
-            raise ValueError(f"{name} is empty: the generator needs an instruction to imagine a subgoal for")
-        if len(text) > self.config.max_text_len:
-            raise ValueError(f"{name} is too long: {len(text)} characters, at most {self.config.max_text_len} "
-                             f"(max_text_len) ({text[:60]!r}...)")
+        check_instruction(text, self.config.max_text_len, name)
         encoder = self.text_encoder()
         if isinstance(encoder, ClipTokenEncoder):
             encoder.check(text)

@@ -59,7 +59,7 @@ from planners.ghil_glue_filter import (
     last_frames,
     progress_loss,
 )
-from planners.image_generator import NonFiniteSubgoalError, condition_dropout, dual_guidance
+from planners.image_generator import NonFiniteSubgoalError, check_instruction, condition_dropout, dual_guidance
 from policies.ddim import DDIMConfig
 from policies.dit import AdaLNZeroBlock, _modulate
 from policies.shortcut import ShortcutConfig
@@ -84,17 +84,6 @@ def _check_text_config(config: Any) -> None:
     if not isinstance(config.text_encoder, TEXT_CONFIGS):
         raise TypeError(f"{type(config).__name__}.text_encoder must be one of {[c.__name__ for c in TEXT_CONFIGS]}, "
                         f"got {config.text_encoder!r}")
-
-
-def check_instruction(text: Any, max_len: int, name: str = "subtask") -> str:
-    if not isinstance(text, str):
-        raise ValueError(f"{name} must be a string instruction, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError(f"{name} is empty: a subgoal stage needs the instruction")
-    if len(text) > max_len:
-        raise ValueError(f"{name} is too long: {len(text)} characters, at most {max_len} (max_text_len) "
-                         f"({text[:60]!r}...)")
-    return text
 
 
 # -- the token space ----------------------------------------------------------------------------------------------

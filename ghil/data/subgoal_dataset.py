@@ -196,18 +196,11 @@ class SubgoalDataset:
                 "task": str(self.frames.lang.task[lang_row])}
 
     def __getitem__(self, idx: int) -> dict[str, object]:
-        if not -len(self) <= idx < len(self):
-            raise IndexError(f"index {idx} out of range for {len(self)} samples")
+        pair = self.pair(idx)  # the index check, the horizon draw and the future frame ids
         idx = int(idx) % len(self)
         cfg = self.config
         frame = self.frames[idx]
-        start = int(frame["frame_ids"][0])
-        row = int(frame["episode_row"])
-        end = int(self._window_end[idx])
-        k = self.horizon_of(idx)
-        # Future frames at evenly spaced offsets whose last is k (the goal); each clipped to the window's end.
-        offsets = np.round(np.linspace(k / cfg.n_frames, k, cfg.n_frames)).astype(np.int64)
-        future_ids = np.minimum(start + offsets, end)
+        row, future_ids = int(pair["episode_row"]), pair["future_ids"]
         read: dict[int, np.ndarray] = {}
         for fid in dict.fromkeys(int(f) for f in future_ids):
             read[fid] = self._read(fid, row)
@@ -215,11 +208,7 @@ class SubgoalDataset:
         sample: dict[str, object] = {
             "image": resize_frames(frame[cfg.camera][0], size),
             "goal": resize_frames(read[int(future_ids[-1])], size),
-            "instruction": str(frame["ann"]),
-            "task": str(frame["task"]),
-            "episode_row": row,
-            "frame_id": start,
-            "goal_frame_id": int(future_ids[-1]),
+            **{key: pair[key] for key in ("instruction", "task", "episode_row", "frame_id", "goal_frame_id")},
         }
         if cfg.n_frames > 1:
             sample["clip"] = resize_frames(np.stack([read[int(f)] for f in future_ids]), size)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -152,13 +151,6 @@ class TokenSubgoalDataset:
             sample["preview"] = resize_frames(frame, self.config.preview_size)
         return sample
 
-    def goal_tokens(self, max_rows: int | None = None) -> np.ndarray:
-        """(n, n_tokens * W) float32 view-0 goal-encoder tokens of the split's frames (normaliser statistics)."""
-        arr = self.arrays["__goal__"]
-        rows = np.arange(len(arr)) if max_rows is None or max_rows >= len(arr) else \
-            np.linspace(0, len(arr) - 1, max_rows).astype(np.int64)
-        return np.asarray(arr[rows, 0], dtype=np.float32).reshape(len(rows), -1)
-
 
 @dataclass(frozen=True)
 class TokenSubgoalBatch:
@@ -201,6 +193,3 @@ def collate_token_subgoal(samples: Sequence[dict]) -> TokenSubgoalBatch:
                              frame_ids=ids("frame_id"), goal_frame_ids=ids("goal_frame_id"),
                              preview=stack("preview") if all(has_preview) else None)
 
-
-def features_folder(config: TokenSubgoalDataConfig, split: str) -> Path:
-    return Path(config.features_dir) / split
