@@ -94,6 +94,16 @@ def check_generated(value: Any, n_candidates: int, frame_shape: tuple[int, ...])
     return np.ascontiguousarray(array)
 
 
+def proposal_method(generator: Any) -> tuple[Any, bool]:
+    """The generator method a replan calls and whether it returns (tokens, previews): ``propose_tokens`` (token-space
+    generators), else ``propose_clips`` (video generators give whole clips, so the policy can follow the chosen one;
+    their ``propose`` returns only the last frames), else ``propose``. Looked up per call, so a patched method counts."""
+    propose_tokens = getattr(generator, "propose_tokens", None)
+    if callable(propose_tokens):
+        return propose_tokens, True
+    return getattr(generator, "propose_clips", generator.propose), False
+
+
 def check_tokens(value: Any, n_candidates: int) -> np.ndarray:
     """A token generator's candidates as finite float32 (K, n_tokens, W); ``RejectedCandidates`` otherwise."""
     array = _as_array(value)
@@ -157,8 +167,7 @@ class GeneratedSubgoals:
         for key, value in self.guidance.items():
             if not math.isfinite(value):
                 raise ValueError(f"{key} must be finite, got {value}")
-            target = getattr(generator, "propose_tokens", None) or getattr(generator, "generate", None)
-            if target is None or key not in inspect.signature(target).parameters:
+            if key not in inspect.signature(proposal_method(generator)[0]).parameters:
                 raise ValueError(f"{key} was given but {type(generator).__name__} takes no guidance scale")
         self.source = source or getattr(generator, "type_name", "") or type(generator).__name__
         self._warned_once: set[str] = set()  # warnings about the set-up itself: once per provider
@@ -247,15 +256,12 @@ class GeneratedSubgoals:
         frame_shape = tuple(np.shape(obs.images[self.camera]))
         tokens = None
         try:
-            propose_tokens = getattr(self.generator, "propose_tokens", None)
-            if callable(propose_tokens):  # a token-space generator: its tokens steer the policy, previews are shown
-                raw_tokens, previews = propose_tokens(obs, text, self.n_candidates, **self._steps)
+            propose, gives_tokens = proposal_method(self.generator)
+            if gives_tokens:  # a token-space generator: its tokens steer the policy, previews are shown
+                raw_tokens, previews = propose(obs, text, self.n_candidates, **self._steps)
                 tokens = check_tokens(raw_tokens, self.n_candidates)
                 candidates = check_generated(previews, self.n_candidates, frame_shape)
             else:
-                # Video generators give whole clips, so the policy can follow the chosen one (their propose()
-                # returns only the last frames).
-                propose = getattr(self.generator, "propose_clips", self.generator.propose)
                 candidates = check_generated(propose(obs, text, self.n_candidates, **self._steps), self.n_candidates,
                                              frame_shape)
         except (RejectedCandidates, NonFiniteSubgoalError) as err:
@@ -314,4 +320,4 @@ class GeneratedSubgoals:
         return dataclasses.replace(self._subgoal, image=np.ascontiguousarray(clip[index]))
 
 
-__all__ = ["GeneratedSubgoals", "RejectedCandidates", "check_generated", "check_tokens"]
+__all__ = ["GeneratedSubgoals", "RejectedCandidates", "check_generated", "check_tokens", "proposal_method"]

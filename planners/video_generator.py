@@ -74,9 +74,10 @@ class VideoGenerator(DiffusionSubgoalModel):
         super().__init__(config if config is not None else VideoConfig(), sampler, unet_config)
 
     def propose_clips(self, obs: Observation, subtask: str, n_candidates: int, n_steps: int | None = None,
-                      generator: torch.Generator | None = None) -> np.ndarray:
+                      generator: torch.Generator | None = None, image_guidance: float | None = None,
+                      text_guidance: float | None = None) -> np.ndarray:
         """``n_candidates`` clips (K, T, H, W, 3) uint8 at the camera's size, from one batched call."""
-        return self.generate(obs, subtask, n_candidates, n_steps, generator)
+        return self.generate(obs, subtask, n_candidates, n_steps, generator, image_guidance, text_guidance)
 
     def propose(self, obs: Observation, subtask: str, n_candidates: int, n_steps: int | None = None,
                 generator: torch.Generator | None = None) -> np.ndarray:

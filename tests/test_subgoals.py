@@ -352,3 +352,34 @@ def test_the_real_tiny_generators_compose_with_the_filter(option):
     assert (sub.clip is not None) == video and sub.source == generator.type_name
     if video:  # frame 0 of the chosen clip (2 steps ahead), then frame 1 (4 steps ahead), per replan
         assert np.array_equal(policy.goals[-2], sub.clip[0]) and np.array_equal(policy.goals[-1], sub.clip[1])
+
+
+class GuidedStub(StubGenerator):
+    """A generator whose propose takes sampler steps and guidance scales; records what each call was given."""
+
+    sampler = SimpleNamespace(check_steps=lambda n: None)
+
+    def __init__(self):
+        super().__init__()
+        self.given: list[dict] = []
+
+    def propose(self, obs, subtask, n_candidates, n_steps=None, image_guidance=None, text_guidance=None):
+        self.given.append({"n_steps": n_steps, "image_guidance": image_guidance, "text_guidance": text_guidance})
+        return super().propose(obs, subtask, n_candidates)
+
+
+def test_steps_and_guidance_reach_the_method_a_replan_calls():
+    gen = GuidedStub()
+    goals = GeneratedSubgoals(gen, FirstCandidate(), n_candidates=2, n_steps=4, image_guidance=1.0,
+                              text_guidance=2.5)
+    goals.goal(Observation(images={"rgb_static": np.zeros((SIZE, SIZE, 3), np.uint8)}, proprio=np.zeros(15), t=0,
+                           instruction="open the drawer"))
+    assert gen.given == [{"n_steps": 4, "image_guidance": 1.0, "text_guidance": 2.5}]
+    # A video generator is asked through propose_clips: guidance is checked against that method at build time,
+    # even when another of its methods (here generate) would take it.
+    video = StubVideoGenerator()
+    video.generate = lambda obs, subtask, n, image_guidance=None, text_guidance=None: None
+    with pytest.raises(ValueError, match="takes no guidance"):
+        GeneratedSubgoals(video, FirstCandidate(), image_guidance=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        GeneratedSubgoals(gen, FirstCandidate(), text_guidance=float("inf"))
