@@ -6,5 +6,6 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/ghil"]),
         ("share/ghil", ["package.xml"]),
+        ("share/ghil/launch", ["launch/ghil.launch.py"]),
     ],
 )

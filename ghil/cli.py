@@ -42,15 +42,19 @@ COMMANDS = {
     "bench": ("sim_eval.evaluation.bench:run", "per-stage latency (p50/p95) and actions/s of an agent in the playtable (--json)"),
     "pack": ("ghil.data.packed:run", "repack a dataset's splits into the memory-mapped training cache (data.root=...)"),
     "featurize": ("ghil.data.features:run", "cache a frozen checkpoint's image-encoder tokens beside a pack (encoder.path=...)"),
+    "launch": ("ros_nodes.launch:run", "the ROS 2 graph from the agent config (robot=sim adds the simulated robot)"),
     "train": ("ghil.train:run", "train a model through a recipe (recipe=policy: policy=dit_small sampler=shortcut|ddim data.root=...)"),
 }
 
 # (command, subcommand) -> "module:function" taking the remaining argv; plain argparse programs, not Hydra apps.
 SUBCOMMANDS = {
-    "run": ("sim_eval.evaluation.instruction_run:run", 'one instruction in the playtable: video + verdict (ghil run "open the drawer")'),
     ("eval", "merge"): ("sim_eval.evaluation.evaluate:merge_main", "merge the shard folders of one evaluation"),
 }
 
+# command -> "module:function" taking the remaining argv and returning the exit code; plain argparse programs.
+PROGRAMS = {
+    "say": ("ros_nodes.say:main", 'publish an instruction to a running graph (ghil say "open the drawer" --wait)'),
+}
 
 # command -> the setting its first bare argument sets (`ghil run "open the drawer"`).
 POSITIONAL = {"run": "run.instruction"}
@@ -80,6 +84,8 @@ EXAMPLES = (
     "ghil eval agent=oracle_subgoal_policy agent.n_steps=1 eval.n_chains=10 eval.workers=2",
     "ghil pack data.root=data/play",
     "ghil train policy=dit_small sampler=shortcut data.root=data/play run_name=dit_small",
+    "ghil launch robot=sim",
+    'ghil say "open the drawer" --wait',
 )
 
 
@@ -87,6 +93,7 @@ def _usage() -> str:
     lines = ["usage: ghil <command> [hydra overrides ...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += [f"  {' '.join(name):<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in PROGRAMS.items()]
     lines += ["", "Overrides use Hydra syntax (`--cfg job` prints the resolved config, `-m` sweeps), e.g.:"]
     lines += [f"  {example}" for example in EXAMPLES]
     return "\n".join(lines)
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     command, overrides = argv[0], argv[1:]
+    if command in PROGRAMS:
+        sys.exit(_load(PROGRAMS[command][0], command)(overrides))
     overrides = hydra_overrides(command, overrides)
     if overrides and (command, overrides[0]) in SUBCOMMANDS:
         _load(SUBCOMMANDS[(command, overrides[0])][0], command)(overrides[1:])

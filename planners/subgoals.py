@@ -199,6 +199,7 @@ class GeneratedSubgoals:
         self._instruction: str | None = None  # the instruction the subgoal was made for
         self._t_replan: int | None = None  # clock at the last (successful) replan
         self._t_last: int | None = None  # clock at the last request
+        self._stride: int | None = None  # the spacing of the last two requests
         self._n_requests = 0
         self._retry = False  # the last replan was rejected: try again at the next request
         self._warned: set[str] = set()  # per-episode warnings
@@ -234,8 +235,10 @@ class GeneratedSubgoals:
         """Warn (once) when the requests' spacing does not divide replan_every, so replans drift from its value."""
         if self._t_last is None or now <= self._t_last:
             return
-        stride = now - self._t_last
-        if self.replan_every % stride and "stride" not in self._warned_once:
+        stride, previous = now - self._t_last, self._stride
+        self._stride = stride
+        # Only a cadence warns: the same stride twice in a row (an asynchronous caller's irregular strides do not).
+        if stride == previous and self.replan_every % stride and "stride" not in self._warned_once:
             self._warned_once.add("stride")
             effective = math.ceil(self.replan_every / stride) * stride
             log.warning("goals are requested every %d env steps (the policy's exec_len), which does not divide "

@@ -31,7 +31,9 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["InstructionGate", "Verdict"]
+__all__ = ["InstructionGate", "Verdict", "REPEAT"]
+
+REPEAT = "already executing this instruction"  # the reason of a latched re-delivery (callers ignore it silently)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class InstructionGate:
                 self.n_rejected += 1
                 return Verdict(False, reason=reason)
             if text == self._active:
-                return Verdict(False, reason="already executing this instruction")
+                return Verdict(False, reason=REPEAT)
             self._refill(float(now_s))
             if self._tokens < 1.0:
                 self.n_rejected += 1

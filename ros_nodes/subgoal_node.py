@@ -1,0 +1,207 @@
+"""The subgoal node: the agent's goal provider (generator + GHIL-Glue filter, ``planners.subgoals.GeneratedSubgoals``)
+beside the control loop. A thin shell: it turns the latest camera frames into an ``Observation``, asks the provider
+for the subgoal at the control rate (the provider replans every ``replan_every`` steps itself and otherwise returns
+the subgoal in force), and publishes each new one.
+
+In: ``task_topic`` (the accepted instruction; until a reasoner node exists the instruction is the subtask), the
+cameras, ``/joint_states`` (the observation's proprio, by forward kinematics), robot events (a sim's ready),
+``status_topic`` (it idles unless the policy is planning or executing). Out, all stamped with the stamp of the
+frames the subgoal was made from: ``subgoal_topic`` (rgb8; a token generator's decoded preview),
+``subgoal_tokens_topic`` (32FC1 tokens, token generators), ``candidates_topic`` (the K candidates side by side),
+``subgoal_info_topic`` (JSON: scores, chosen, step, replan time).
+
+The provider runs behind ``ghil.runtime.async_goals.AsyncGoals``: the node's timer only hands it the newest
+observation and publishes what the worker thread finished, so no executor callback ever waits for a generator
+(a busy callback group makes rclpy's executor spin at full CPU, stealing the generator's interpreter lock: measured
+80 % CPU and replans of 200-300 ms instead of 100). A slow or hung generator only delays new subgoals; an exception
+in it is contained (counted, reported on the info topic) and the last subgoal stays in force.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+
+from ghil.interfaces import GoalProvider
+from ghil.runtime.async_goals import AsyncGoals
+from ghil.types import Observation, Subgoal
+from ros_nodes.common import (COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, InputStore, declare_settings, image_msg, json_msg,
+                              parse_json, seconds)
+
+__all__ = ["SubgoalNode"]
+
+
+class _StampedGoals:
+    """The provider as AsyncGoals' inner stage, remembering which observation step each new subgoal came from."""
+
+    def __init__(self, inner: GoalProvider):
+        self.inner = inner
+        self.made_at: dict[int, int] = {}  # id(subgoal) -> obs.t of the request that produced it
+        self._last: Subgoal | None = None
+
+    def bind_policy(self, policy) -> None:
+        bind = getattr(self.inner, "bind_policy", None)
+        if callable(bind):
+            bind(policy)
+
+    def seed(self, seed: int) -> None:
+        seed_ = getattr(self.inner, "seed", None)
+        if callable(seed_):
+            seed_(seed)
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.made_at.clear()
+        self._last = None
+
+    def goal(self, obs: Observation) -> Subgoal | None:
+        subgoal = self.inner.goal(obs)
+        if subgoal is not None and subgoal is not self._last:
+            self._last = subgoal
+            self.made_at[id(subgoal)] = int(obs.t)
+            for key in list(self.made_at)[:-8]:
+                del self.made_at[key]
+        return subgoal
+
+
+class SubgoalNode(Node):
+    """See the module docstring. ``goals`` is the agent's goal provider, already bound to its policy."""
+
+    def __init__(self, goals: GoalProvider, cameras: dict[str, tuple[int, int]], kinematics,
+                 settings: dict[str, Any], context=None, name: str = "ghil_subgoals"):
+        super().__init__(name, namespace=settings.get("namespace") or None, context=context)
+        if not isinstance(goals, GoalProvider):
+            raise TypeError(f"the subgoal node runs a ghil.interfaces.GoalProvider, got {type(goals).__name__}")
+        s = declare_settings(self, settings)
+        self.s, self.kinematics = s, kinematics
+        self._stamped = _StampedGoals(goals)
+        self.goals = AsyncGoals(self._stamped, name="ghil-subgoals")
+        self._stamps: dict[int, float] = {}  # obs.t -> the stamp of its frames
+        self._t_requested: dict[int, float] = {}  # obs.t -> when it was handed to the provider
+        self.dt = 1.0 / float(s["control_hz"])
+        self.inputs = InputStore(cameras, ROBOTS[s["robot_model"]](), s["finger_joints"])
+        self._lock = threading.Lock()
+        self.task: dict[str, Any] | None = None
+        self._ready_stamp: float | None = None
+        self._ready_by_task: dict = {}
+        self._policy_state = "idle"
+        self._last_obs_stamp: float | None = None
+        self._last_subgoal = None
+        self._reset_pending = False
+        self._worker_errors = 0
+        self.n_published = 0
+        self.errors = 0
+        self.replan_ms: list[float] = []
+        group = MutuallyExclusiveCallbackGroup()
+        io = ReentrantCallbackGroup()  # the input store locks; no input waits for another
+        self.pub_image = self.create_publisher(Image, s["subgoal_topic"], STREAM)
+        self.pub_tokens = self.create_publisher(Image, s["subgoal_tokens_topic"], STREAM)
+        self.pub_candidates = self.create_publisher(Image, s["candidates_topic"], STREAM)
+        self.pub_info = self.create_publisher(String, s["subgoal_info_topic"], COMMANDS)
+        self.create_subscription(String, s["task_topic"], self._on_task, LATCHED, callback_group=io)
+        self.create_subscription(String, s["status_topic"], self._on_status, STATUS, callback_group=io)
+        self.create_subscription(String, s["robot_events_topic"], self._on_robot_event, STATUS, callback_group=io)
+        self.create_subscription(JointState, s["joint_states_topic"], self.inputs.on_joint_state, STREAM,
+                                 callback_group=io)
+        for camera in cameras:
+            self.create_subscription(Image, s[f"camera_topics.{camera}"],
+                                     lambda msg, c=camera: self.inputs.on_image(c, msg), STREAM, callback_group=io)
+        self.create_timer(self.dt, self._tick, callback_group=group)
+
+    def _on_task(self, msg: String) -> None:
+        task = parse_json(msg)
+        if task is None or "instruction" not in task:
+            return
+        with self._lock:
+            self.task = task
+            ready = self._ready_by_task.get(task.get("id"))  # the robot's ready may come before the task
+            self._ready_stamp = ready if self.s["wait_for_robot"] else seconds(self.get_clock().now().to_msg())
+            self._last_obs_stamp = None
+            self._last_subgoal = None
+            self._reset_pending = True
+
+    def _on_status(self, msg: String) -> None:
+        status = parse_json(msg)
+        if status is not None:
+            self._policy_state = str(status.get("state"))
+
+    def _on_robot_event(self, msg: String) -> None:
+        event = parse_json(msg)
+        if not event or event.get("event") != "ready":
+            return
+        with self._lock:
+            self._ready_by_task[event.get("task_id")] = float(event.get("stamp"))
+            for old in list(self._ready_by_task)[:-8]:
+                del self._ready_by_task[old]
+            if self.task and event.get("task_id") == self.task.get("id"):
+                self._ready_stamp = float(event.get("stamp"))
+
+    def _tick(self) -> None:
+        with self._lock:
+            task, ready = self.task, self._ready_stamp
+            reset = self._reset_pending
+            self._reset_pending = False
+        if task is None:
+            return
+        if reset:
+            self.goals.reset()  # a new task: no subgoal of the old one survives
+        if ready is None or self._policy_state not in ("planning", "executing"):
+            return
+        frames, joints, width, stamps = self.inputs.snapshot()
+        if joints is None or any(c not in frames for c in self.inputs.cameras):
+            return
+        obs_stamp = min(stamps[c] for c in frames)
+        if obs_stamp < ready or obs_stamp == self._last_obs_stamp:
+            return  # frames from before the robot's reset, or nothing new since the last call
+        self._last_obs_stamp = obs_stamp
+        robot_obs = self.kinematics.robot_obs(joints, width if width is not None else 0.08, 1)
+        obs = Observation(images=frames, proprio=robot_obs.astype(np.float32),
+                          t=max(0, int(round((obs_stamp - ready) / self.dt))), instruction=task["instruction"])
+        self._stamps[obs.t] = obs_stamp
+        self._t_requested[obs.t] = time.perf_counter()
+        for store in (self._stamps, self._t_requested):
+            for key in sorted(store)[:-64]:
+                del store[key]
+        try:
+            subgoal = self.goals.goal(obs)  # the first of a task is computed here, later ones on the worker
+        except Exception as err:  # contained: the policy keeps the last subgoal
+            self._report_error(task, obs.t, err)
+            return
+        if self.goals.errors != self._worker_errors:  # the worker's failures since the last tick
+            self._worker_errors = self.goals.errors
+            self._report_error(task, obs.t, self.goals.last_error)
+        if subgoal is None or subgoal is self._last_subgoal:
+            return  # the subgoal in force (no replan finished since the last tick)
+        made_at = self._stamped.made_at.get(id(subgoal), obs.t)
+        stamp = self._stamps.get(made_at, obs_stamp)
+        self._last_subgoal = subgoal
+        self.replan_ms.append((time.perf_counter() - self._t_requested.get(made_at, time.perf_counter())) * 1000)
+        self.pub_image.publish(image_msg(subgoal.image, stamp, frame_id=str(task["id"])))
+        if subgoal.tokens is not None:
+            self.pub_tokens.publish(image_msg(np.asarray(subgoal.tokens, np.float32), stamp,
+                                              frame_id=str(task["id"])))
+        if subgoal.candidates is not None and subgoal.candidates.ndim == 4:
+            self.pub_candidates.publish(image_msg(np.concatenate(list(subgoal.candidates), axis=1), stamp,
+                                                  frame_id=str(task["id"])))
+        self.n_published += 1
+        self.pub_info.publish(json_msg({
+            "task_id": task["id"], "step": made_at, "stamp": stamp, "chosen": subgoal.chosen,
+            "scores": None if subgoal.scores is None else np.asarray(subgoal.scores).round(4).tolist(),
+            "source": subgoal.source, "latency_ms": round(self.replan_ms[-1], 2), "n": self.n_published,
+            "errors": self.goals.errors}))
+
+    def _report_error(self, task: dict, step: int, err: BaseException | None) -> None:
+        self.errors += 1
+        text = f"{type(err).__name__}: {err}"
+        self.pub_info.publish(json_msg({"task_id": task["id"], "error": text, "errors": self.errors, "step": step}))
+        self.get_logger().warning(f"the goal provider raised {text}", throttle_duration_sec=2.0)
+
+    def close(self) -> None:
+        self.goals.close()
