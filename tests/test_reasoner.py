@@ -1,0 +1,175 @@
+"""VLMReasoner (planners/reasoner.py): prompt freezing, strict parsing that keeps the last valid reasoning, bad
+instructions, and the OpenAI-compatible endpoint backend against a local HTTP server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ghil.types import Observation, Reasoning
+from planners.ecot_format import render_reasoning
+from planners.reasoner import FORCED_PREFIX, OpenAIChatBackend, ReasonerUnavailable, VLMReasoner, ecot_prompt
+
+FULL = Reasoning(task="open the drawer", plan=("open the drawer",), visible_objects={"drawer handle": (10, 80, 40, 96)},
+                 subtask_reasoning="the drawer is closed.", subtask="open the drawer",
+                 move_reasoning="the handle is left.", move="move left", gripper_position=((100, 100), (90, 100)))
+TEXT = render_reasoning(FULL)
+
+
+def obs(t=0, instruction="open the drawer"):
+    return Observation(images={"rgb_static": np.zeros((200, 200, 3), np.uint8)}, proprio=np.zeros(15), t=t,
+                       instruction=instruction)
+
+
+class Scripted:
+    """A backend that answers from a list (each answer is the text after the prefix) and records its prompts."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = list(answers), []
+
+    def generate(self, image, prompt, prefix):
+        self.calls.append((prompt, prefix))
+        answer = self.answers.pop(0)
+        return answer(prefix) if callable(answer) else answer
+
+
+def continuation(prefix: str) -> str:
+    return TEXT[len(prefix):] if TEXT.startswith(prefix) else TEXT
+
+
+def test_full_every_n_steps_and_the_frozen_prefix_in_between():
+    backend = Scripted([continuation] * 7)
+    reasoner = VLMReasoner(backend, full_every=3)
+    for t in range(7):
+        assert reasoner.reason(obs(t)) == FULL
+    prefixes = [p for _, p in backend.calls]
+    frozen = TEXT[:TEXT.index("MOVE REASONING:")]
+    assert prefixes == [FORCED_PREFIX, frozen, frozen, FORCED_PREFIX, frozen, frozen, FORCED_PREFIX]
+    assert reasoner.n_full == 3 and reasoner.n_frozen == 4
+    assert backend.calls[0][0] == ecot_prompt("open the drawer") == "What action should the robot take to open the drawer?"
+
+
+def test_a_new_instruction_reasons_in_full_again():
+    backend = Scripted([continuation] * 3)
+    reasoner = VLMReasoner(backend, full_every=10)
+    reasoner.reason(obs(0))
+    reasoner.reason(obs(1))
+    reasoner.reason(obs(2, "lift the red block"))
+    assert [p for _, p in backend.calls][2] == FORCED_PREFIX
+
+
+def test_malformed_output_keeps_the_last_valid_reasoning_and_is_reported():
+    backend = Scripted([continuation, " garbage without tags", lambda p: continuation(p).replace("[100, 100", "[999, 100")])
+    reasoner = VLMReasoner(backend, full_every=10)
+    assert reasoner.reason(obs(0)) == FULL
+    assert reasoner.reason(obs(1)) == FULL and reasoner.n_failures == 1
+    assert reasoner.reason(obs(2)) == FULL and reasoner.n_failures == 2
+    assert "outside the 200x200 image" in str(reasoner.last_error)
+    assert [p for _, p in backend.calls][2] == FORCED_PREFIX  # after a failure the next step reasons in full
+
+
+def test_before_any_valid_reasoning_the_instruction_is_the_subtask():
+    reasoner = VLMReasoner(Scripted(["nonsense"]))
+    r = reasoner.reason(obs(0))
+    assert r.subtask == "open the drawer" and reasoner.fallback and reasoner.n_failures == 1
+
+
+def test_known_subtasks_are_enforced():
+    reasoner = VLMReasoner(Scripted([continuation]), subtasks=("lift the red block",))
+    reasoner.reason(obs(0))
+    assert reasoner.fallback and "not a known subtask" in str(reasoner.last_error)
+
+
+@pytest.mark.parametrize("instruction, problem", [("", "empty"), ("x" * 513, "too long"), (b"\xff\xfe", "UTF-8"),
+                                                  (None, "not a string")])
+def test_bad_instructions_get_a_clear_error(instruction, problem):
+    with pytest.raises(ValueError, match=problem):
+        VLMReasoner(Scripted([])).reason(obs(0, instruction))
+
+
+def test_construction_errors():
+    with pytest.raises(TypeError):
+        VLMReasoner(object())
+    with pytest.raises(ValueError):
+        VLMReasoner(Scripted([]), full_every=0)
+    with pytest.raises(ValueError, match="camera"):
+        VLMReasoner(Scripted([]), camera="rgb_gripper").reason(obs(0))
+
+
+# -- the endpoint backend ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server():
+    """A local OpenAI-compatible server: answers with ``reply(body)`` and records the request bodies."""
+    state = {"bodies": [], "reply": lambda body: {"choices": [{"message": {"content": continuation(
+        body["messages"][-1]["content"])}}]}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["bodies"].append((self.path, dict(self.headers), body))
+            payload = state["reply"](body)
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield state
+    httpd.shutdown()
+
+
+def test_endpoint_backend_sends_image_prompt_and_prefix(server):
+    backend = OpenAIChatBackend(server["url"], "my-vlm", api_key="k")
+    reasoner = VLMReasoner(backend, full_every=2)
+    frame = np.zeros((200, 200, 3), np.uint8)
+    frame[5, 7] = (255, 0, 0)
+    o = Observation(images={"rgb_static": frame}, proprio=np.zeros(15), t=0, instruction="open the drawer")
+    assert reasoner.reason(o) == FULL
+    path, headers, body = server["bodies"][0]
+    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer k" and body["model"] == "my-vlm"
+    user, assistant = body["messages"]
+    url = user["content"][0]["image_url"]["url"]
+    sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+    assert np.array_equal(sent, frame)
+    assert user["content"][1]["text"] == ecot_prompt("open the drawer")
+    assert assistant == {"role": "assistant", "content": FORCED_PREFIX} and body["continue_final_message"] is True
+
+
+def test_endpoint_backend_accepts_a_server_that_repeats_the_prefix(server):
+    server["reply"] = lambda body: {"choices": [{"message": {"content": TEXT}}]}
+    assert VLMReasoner(OpenAIChatBackend(server["url"], "m")).reason(obs(0)) == FULL
+
+
+@pytest.mark.parametrize("reply, problem", [(b"not json", "other than JSON"), ({"error": "x"}, "without choices")])
+def test_endpoint_backend_failures_are_contained(server, reply, problem):
+    server["reply"] = lambda body: reply
+    backend = OpenAIChatBackend(server["url"], "m")
+    with pytest.raises(ReasonerUnavailable, match=problem):
+        backend.generate(np.zeros((8, 8, 3), np.uint8), "p", FORCED_PREFIX)
+    reasoner = VLMReasoner(backend)
+    assert reasoner.reason(obs(0)).subtask == "open the drawer" and reasoner.fallback
+
+
+def test_endpoint_backend_down_is_contained():
+    backend = OpenAIChatBackend("http://127.0.0.1:9/v1", "m", timeout_s=1.0)  # discard port: nothing listens
+    reasoner = VLMReasoner(backend)
+    assert reasoner.reason(obs(0)).subtask == "open the drawer"
+    assert isinstance(reasoner.last_error, ReasonerUnavailable) and "did not answer" in str(reasoner.last_error)
+    with pytest.raises(ValueError, match="http"):
+        OpenAIChatBackend("localhost:8000", "m")
