@@ -65,7 +65,7 @@ class VLMReasoner:
     the pixel fields (None: that camera's frame size)."""
 
     def __init__(self, backend: ReasoningBackend, camera: str = "rgb_static", image_size: tuple[int, int] | None = None,
-                 subtasks: Collection[str] | None = None, full_every: int = 5):
+                 subtasks: Collection[str] | None = None, full_every: int = 5, backoff_calls: int = 10):
         if not isinstance(backend, ReasoningBackend):
             raise TypeError(f"backend must have generate(image, prompt, prefix) -> str, got {type(backend).__name__}")
         if int(full_every) < 1:
@@ -74,6 +74,9 @@ class VLMReasoner:
         self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.subtasks = None if subtasks is None else tuple(subtasks)
         self.full_every = int(full_every)
+        # After the backend is unavailable (a server down), skip this many calls before asking it again, so a dead
+        # endpoint costs one timeout per `backoff_calls` steps, not one per step.
+        self.backoff_calls = int(backoff_calls)
         self._gate = InstructionGate()
         self.reset()
 
@@ -85,6 +88,7 @@ class VLMReasoner:
         self.n_full = self.n_frozen = self.n_failures = 0
         self.last_error: Exception | None = None
         self.fallback = False
+        self._skip = 0
         self.latency_ms: dict[str, float] = {}
 
     def reason(self, obs: Observation) -> Reasoning:
@@ -99,6 +103,9 @@ class VLMReasoner:
         if instruction != self._instruction:
             self.reset()
             self._instruction = instruction
+        if self._skip > 0:
+            self._skip -= 1
+            return self._current(instruction)
         t = int(obs.t)
         full = self._last_text is None or self._t_full is None or t - self._t_full >= self.full_every or t < self._t_full
         head = FORCED_PREFIX if full else prefix(self._last_text)
@@ -110,6 +117,8 @@ class VLMReasoner:
             self.n_failures += 1
             self.last_error = err
             self._t_full = None  # the next step reasons in full again
+            if isinstance(err, ReasonerUnavailable):
+                self._skip = self.backoff_calls
             log.warning("reasoner output rejected (%s); keeping the last valid reasoning", err)
             return self._current(instruction)
         self.latency_ms["full" if full else "frozen"] = (time.perf_counter() - start) * 1000

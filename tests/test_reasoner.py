@@ -166,10 +166,158 @@ def test_endpoint_backend_failures_are_contained(server, reply, problem):
     assert reasoner.reason(obs(0)).subtask == "open the drawer" and reasoner.fallback
 
 
-def test_endpoint_backend_down_is_contained():
+def test_endpoint_backend_down_is_contained_and_backed_off():
     backend = OpenAIChatBackend("http://127.0.0.1:9/v1", "m", timeout_s=1.0)  # discard port: nothing listens
-    reasoner = VLMReasoner(backend)
+    reasoner = VLMReasoner(backend, backoff_calls=3)
     assert reasoner.reason(obs(0)).subtask == "open the drawer"
     assert isinstance(reasoner.last_error, ReasonerUnavailable) and "did not answer" in str(reasoner.last_error)
+    for t in range(1, 5):
+        reasoner.reason(obs(t))
+    assert reasoner.n_failures == 2  # calls 1-3 skipped, call 4 asked again
     with pytest.raises(ValueError, match="http"):
         OpenAIChatBackend("localhost:8000", "m")
+
+
+# -- transformers vision-language models (tiny random configs of two architectures) -----------------------------------
+
+
+@pytest.fixture(scope="module", params=["llava", "idefics3"])
+def tiny_vlm(request, tmp_path_factory):
+    pytest.importorskip("transformers")
+    import torch
+
+    from _vlm_fixtures import tiny_idefics3, tiny_llava
+
+    torch.manual_seed(0)
+    build = {"llava": tiny_llava, "idefics3": tiny_idefics3}[request.param]
+    return request.param, build(tmp_path_factory.mktemp(request.param))
+
+
+def test_transformers_backend_loads_by_path_and_continues_the_forced_prefix(tiny_vlm):
+    from planners.vlm_backend import TransformersVLM
+
+    name, folder = tiny_vlm
+    backend = TransformersVLM(str(folder), max_new_tokens=12, local_files_only=True)
+    assert type(backend.model).__name__.lower().startswith(name[:5])
+    text = backend.prompt_text(ecot_prompt("open the drawer"), FORCED_PREFIX)
+    assert text.endswith("ASSISTANT: TASK:" if name == "llava" else "Assistant: TASK:")
+    out = backend.generate(np.zeros((200, 200, 3), np.uint8), ecot_prompt("open the drawer"), FORCED_PREFIX)
+    assert isinstance(out, str)
+    again = backend.generate(np.zeros((200, 200, 3), np.uint8), ecot_prompt("open the drawer"), FORCED_PREFIX)
+    assert out == again  # greedy decoding
+    # An untrained model writes no valid reasoning: reported, and the instruction stands in as the subtask.
+    reasoner = VLMReasoner(backend)
+    assert reasoner.reason(obs(0)).subtask == "open the drawer" and reasoner.fallback and reasoner.n_failures == 1
+    assert backend.prompt_text("q?", "TASK:").count("TASK:") == 1
+    vicuna = TransformersVLM(str(folder), prompt_style="ecot_vicuna", local_files_only=True)
+    assert vicuna.prompt_text("q?", "TASK:").endswith("USER: <image>\nq? ASSISTANT: TASK:")
+
+
+def test_a_model_that_cannot_be_loaded_offline_says_so(tmp_path):
+    pytest.importorskip("transformers")
+    from planners.vlm_backend import TransformersVLM
+
+    with pytest.raises(ReasonerUnavailable, match="not downloadable here"):
+        TransformersVLM("no-such-org/no-such-vlm", local_files_only=True)
+    with pytest.raises(ReasonerUnavailable, match="cannot load"):
+        TransformersVLM(str(tmp_path), local_files_only=True)  # an empty folder
+    with pytest.raises(ValueError, match="prompt_style"):
+        TransformersVLM(str(tmp_path), prompt_style="alpaca")
+
+
+# -- ReasonedAgent: the reasoner's subtask drives the lower stages ------------------------------------------------------
+
+
+class RecordingAgent:
+    """A runtime Agent that records the instruction of every observation it acts on and every reset."""
+
+    from ghil.types import REL_EE as space
+
+    def __init__(self):
+        self.instructions, self.resets = [], 0
+
+    def reset(self):
+        self.resets += 1
+
+    def act(self, obs):
+        self.instructions.append(obs.instruction)
+        return np.r_[np.zeros(6), 1.0]
+
+    def describe(self):
+        from ghil.types import AgentDescription
+
+        return AgentDescription(status="inner")
+
+
+class SubtaskScript:
+    """A Reasoner that returns the subtask listed for each call."""
+
+    def __init__(self, subtasks):
+        self.subtasks, self.calls = list(subtasks), []
+
+    def reason(self, o):
+        self.calls.append((o.t, o.instruction))
+        return Reasoning(task=o.instruction, subtask=self.subtasks.pop(0))
+
+
+def test_the_subtask_becomes_the_instruction_and_a_new_subtask_resets_the_inner_agent():
+    from ghil.runtime.reasoned_agent import ReasonedAgent
+
+    inner = RecordingAgent()
+    script = SubtaskScript(["open the drawer", "open the drawer", "lift the red block", ""])
+    agent = ReasonedAgent(inner, script, reason_every=2)
+    agent.reset()
+    resets_after_reset = inner.resets
+    composite = "open the drawer, then lift the red block"
+    for t in range(8):
+        agent.act(obs(t, composite))
+    assert [t for t, _ in script.calls] == [0, 2, 4, 6]
+    assert all(text == composite for _, text in script.calls)  # the reasoner always sees the user's instruction
+    assert inner.instructions == ["open the drawer"] * 4 + ["lift the red block"] * 2 + [composite] * 2
+    assert inner.resets - resets_after_reset == 2  # entering "lift ..." and the fallback to the instruction
+    assert agent.subtasks_seen == ["open the drawer", "lift the red block", composite]
+    description = agent.describe()
+    assert description.status.startswith(f"subtask: {composite}") and description.reasoning.subtask == ""
+
+
+def test_reasoned_agent_checks_its_parts():
+    from ghil.runtime.reasoned_agent import ReasonedAgent
+
+    with pytest.raises(TypeError):
+        ReasonedAgent(object(), SubtaskScript([]))
+    with pytest.raises(TypeError):
+        ReasonedAgent(RecordingAgent(), object())
+    with pytest.raises(ValueError):
+        ReasonedAgent(RecordingAgent(), SubtaskScript([]), reason_every=0)
+
+
+@pytest.mark.slow
+def test_agent_ghil_glue_reasoner_runs_the_shipped_hierarchy_on_the_reasoners_subtask(server):
+    """The config composes reasoner -> generator -> filter -> policy; the endpoint's SUBTASK reaches the generator."""
+    pytest.importorskip("torch")
+    from hydra import compose, initialize_config_dir
+
+    from ghil.paths import CONFIG_DIR
+    from sim_eval.evaluation.evaluate import build_agent
+    from sim_eval.world.playtable.env import PlayTableEnv
+
+    lift = Reasoning(task="open the drawer, then lift the red block", plan=("open the drawer", "lift the red block"),
+                     subtask="lift the red block", move="move down", gripper_position=((100, 100),))
+    server["reply"] = lambda body: {"choices": [{"message": {"content": render_reasoning(lift)[len("TASK:"):]}}]}
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=["agent=ghil_glue_reasoner",
+                                                    f"agent.reasoner.backend.base_url={server['url']}"])
+    agent = build_agent(cfg.agent)
+    env = PlayTableEnv()
+    try:
+        observation = env.reset()
+        agent.reset()
+        for _ in range(3):
+            action = agent.step(observation, "open the drawer, then lift the red block")
+            observation, *_ = env.step(action)
+    finally:
+        env.close()
+    reasoned = agent.agent
+    assert reasoned.subtasks_seen == ["lift the red block"]
+    assert reasoned.agent.goals._instruction == "lift the red block"  # the generator imagined the subtask
+    assert agent.describe().reasoning == lift and len(server["bodies"]) == 1
