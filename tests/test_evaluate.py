@@ -398,3 +398,45 @@ def test_fresh_env_per_chain_rebuilds_the_env_and_is_fingerprinted(tmp_path, mon
     kept = run(tmp_path / "kept", *FAST, "eval.n_chains=3")
     assert outcomes(fresh.records) == outcomes(kept.records)  # the playtable resets history-free anyway
     assert fresh.results["fingerprint"] != kept.results["fingerprint"]
+
+
+def test_user_phrasings_replace_the_wording_with_a_seeded_choice_and_are_recorded(tmp_path):
+    import yaml
+
+    from sim_eval.protocol.chains import load_official_chains
+
+    first_tasks = {tasks[0] for _, tasks in load_official_chains()[:3]}
+    table = {task: [f"please {task.replace('_', ' ')}", f"could you {task.replace('_', ' ')} now"]
+             for task in sorted(first_tasks)}
+    file = tmp_path / "mine.yaml"
+    file.write_text(yaml.safe_dump(table))
+    res = run(tmp_path / "a", *FAST, "eval.n_chains=3", f"eval.phrasings={file}")
+    again = run(tmp_path / "b", *FAST, "eval.n_chains=3", f"eval.phrasings={file}", "eval.workers=2")
+    for rec in res.records:
+        for sub in rec.subtasks:
+            expected = table.get(sub.task)
+            assert sub.instruction in expected if expected else sub.instruction == eval_instruction(sub.task)
+    assert outcomes(res.records) == outcomes(again.records)  # the choice depends on the chain's seed only
+    recorded = res.results["protocol"]["phrasings"]
+    assert recorded["table"] == table and recorded["file"] == str(file) and len(recorded["sha256"]) == 64
+    assert any("eval.phrasings" in w for w in res.results["warnings"])
+    # Resuming with other phrasings is refused (they change the chain records).
+    table[sorted(table)[0]] = ["something else entirely"]
+    file.write_text(yaml.safe_dump(table))
+    with pytest.raises(evaluate.EvaluationError):
+        run(tmp_path / "a", *FAST, "eval.n_chains=3", f"eval.phrasings={file}")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "no file"), ("[1, 2]", "must map task names"), ("open_the_fridge: [x]", "unknown CALVIN task"),
+    ("open_drawer: []", "non-empty list"), ("open_drawer: ['']", "empty or non-text"),
+    ("open_drawer: [" + "x" * 600 + "]", "longer than 512"), ("open_drawer: ['a, then b']", "contains"),
+    ("open_drawer: [1: 2", "not readable YAML"),
+])
+def test_bad_phrasings_files_are_refused_before_anything_runs(tmp_path, content, problem):
+    file = tmp_path / "p.yaml"
+    if content is not None:
+        file.write_text(content)
+    with pytest.raises(evaluate.EvaluationError, match=problem):
+        run(tmp_path / "out", *FAST, "eval.n_chains=1", f"eval.phrasings={file}")
+    assert not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 from ghil.config_diff import config_diff
 from ghil.interfaces import CalvinAgent
 from sim_eval.protocol.chains import NUM_OFFICIAL_CHAINS, load_official_chains
-from sim_eval.protocol.instructions import MODES
+from sim_eval.protocol.instructions import MODES, load_phrasings
 from sim_eval.evaluation.metrics import EvalMetrics, summarize
 from sim_eval.evaluation.records import (FAILURE_AGENT_ERROR, FAILURE_STUCK, ChainRecord, RecordError,
                                          SubtaskRecord)
@@ -94,6 +94,9 @@ class EvalSettings:
     n_chains: int = 100  # evaluate official chains [chain_start, chain_start + n_chains)
     chain_start: int = 0  # 0: "the first N of the official 1000", what reports use
     mode: str = "standard"  # standard | heldout_phrasings | long_horizon
+    # A YAML file (task name -> list of instructions): the user's phrasings replace the mode's wording for the tasks
+    # it lists, one seeded choice per subtask (sim_eval.protocol.instructions.load_phrasings).
+    phrasings: str | None = None
     ep_len: int = EP_LEN  # env steps per subtask; CALVIN's 360, anything else is not the protocol
     seed: int = 0  # base seed; chain i is seeded with chain_seed(seed, i)
     workers: int = 1  # worker processes on this machine (1: run in this process)
@@ -132,6 +135,12 @@ class EvalSettings:
                 f"chain_start + n_chains <= {NUM_OFFICIAL_CHAINS}")
         if self.mode not in MODES:
             raise EvaluationError(f"unknown eval.mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.phrasings is not None:
+            try:
+                table = load_phrasings(self.phrasings)
+            except ValueError as err:
+                raise EvaluationError(str(err)) from None
+            object.__setattr__(self, "_phrasing_table", table)  # loaded and checked once, before any run
         if self.ep_len < 1:
             raise EvaluationError(f"eval.ep_len must be >= 1, got {self.ep_len}")
         if self.workers < 1:
@@ -159,6 +168,19 @@ class EvalSettings:
         return cls(**raw)
 
     @property
+    def phrasing_table(self) -> dict[str, tuple[str, ...]] | None:
+        return getattr(self, "_phrasing_table", None)
+
+    def phrasings_record(self) -> dict | None:
+        """The phrasings in force, as results.json and the resume fingerprint record them (content, not path)."""
+        table = self.phrasing_table
+        if table is None:
+            return None
+        canonical = json.dumps({k: list(v) for k, v in sorted(table.items())}, sort_keys=True)
+        return {"file": str(self.phrasings), "sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+                "table": json.loads(canonical)}
+
+    @property
     def subset(self) -> range:
         return range(self.chain_start, self.chain_start + self.n_chains)
 
@@ -182,9 +204,12 @@ class EvalSettings:
         """The settings that change results (fingerprinted); workers, sharding, videos, paths and the watchdog do
         not. ``threads`` does: torch's thread count changes learned agents' actions in the 6th decimal, which a
         rollout amplifies."""
-        return {"n_chains": self.n_chains, "chain_start": self.chain_start, "mode": self.mode,
-                "ep_len": self.ep_len, "seed": self.seed, "fresh_env_per_chain": self.fresh_env_per_chain,
-                "threads": self.threads}
+        out = {"n_chains": self.n_chains, "chain_start": self.chain_start, "mode": self.mode,
+               "ep_len": self.ep_len, "seed": self.seed, "fresh_env_per_chain": self.fresh_env_per_chain,
+               "threads": self.threads}
+        if self.phrasing_table is not None:  # absent otherwise, so earlier runs' fingerprints still match
+            out["phrasings_sha256"] = self.phrasings_record()["sha256"]
+        return out
 
 
 @dataclass
@@ -488,7 +513,7 @@ class ChainRunner:
         seed = chain_seed(self.settings.seed, index)
         video = self._video_for(index)
         hooks = {"record_agent_errors": self.settings.agent_errors == "record", "heartbeat": heartbeat,
-                 "on_subtask": on_subtask}
+                 "on_subtask": on_subtask, "phrasings": self.settings.phrasing_table}
         if video is None:
             return run_chain(self.env, self.agent, self.oracle, chain, self.settings.mode, self.settings.ep_len, seed,
                              **hooks)
@@ -674,7 +699,7 @@ def _stuck_record(settings: EvalSettings, index: int, subtasks: list[SubtaskReco
     if len(subtasks) != subtask:
         raise EvaluationError(f"chain {index}: its worker reported {len(subtasks)} finished subtasks but was stuck "
                               f"in subtask {subtask + 1}")
-    instruction = instructions_for(Chain(index, state, tasks), settings.mode, seed)[subtask]
+    instruction = instructions_for(Chain(index, state, tasks), settings.mode, seed, settings.phrasing_table)[subtask]
     where = f"step {step} of subtask {subtask + 1} ({tasks[subtask]})" if step >= 0 else \
         f"the reset before subtask {subtask + 1} ({tasks[subtask]})"
     detail = f"{where} did not return within {settings.step_timeout_s:g} s; its worker process was killed"
@@ -905,6 +930,9 @@ def _protocol_warnings(settings: EvalSettings) -> list[str]:
     if settings.mode != "standard":
         warnings.append(f"mode {settings.mode}: a ghil variant of the protocol, not comparable with published "
                         "CALVIN numbers.")
+    if settings.phrasings is not None:
+        warnings.append(f"eval.phrasings={settings.phrasings}: the user's instructions replace CALVIN's for "
+                        f"{len(settings.phrasing_table)} tasks, not comparable with published CALVIN numbers.")
     return warnings
 
 
@@ -962,7 +990,8 @@ def _finish(run_dir: Path, meta: dict, records: list[ChainRecord], settings: Eva
             "benchmark": "CALVIN long-horizon multi-task language control (LH-MTLC)",
             "chains": settings.subset_label, "n_chains": len(records), "chain_start": settings.chain_start,
             "n_chains_requested": settings.n_chains, "chain_indices": [r.chain_index for r in records],
-            "mode": settings.mode, "ep_len": settings.ep_len, "standard_ep_len": settings.ep_len == EP_LEN,
+            "mode": settings.mode, "phrasings": settings.phrasings_record(),
+            "ep_len": settings.ep_len, "standard_ep_len": settings.ep_len == EP_LEN,
             "oracle": meta.get("oracle", _oracle_name(meta["config"])),
         },
         "seeds": {"base": settings.seed, "per_chain": "chain_seed(base, chain_index) = "

@@ -104,15 +104,17 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
 
 
-def instructions_for(chain: Chain, mode: str, seed: int) -> list[str]:
-    """What the agent is told for each subtask of ``chain`` (a function of the chain's tasks, mode and seed)."""
-    return chain_instructions(chain.tasks, mode, np.random.default_rng(seed))
+def instructions_for(chain: Chain, mode: str, seed: int, phrasings=None) -> list[str]:
+    """What the agent is told for each subtask of ``chain`` (a function of the chain's tasks, mode, seed and the
+    user's phrasings table, if any)."""
+    return chain_instructions(chain.tasks, mode, np.random.default_rng(seed), phrasings)
 
 
 def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: str, ep_len: int, seed: int,
               frames: FrameSink | None = None, record_agent_errors: bool = False,
               heartbeat: Callable[[int, int], None] | None = None,
-              on_subtask: Callable[[int, SubtaskRecord], None] | None = None) -> ChainRecord:
+              on_subtask: Callable[[int, SubtaskRecord], None] | None = None,
+              phrasings=None) -> ChainRecord:
     """Roll out one chain under CALVIN's protocol and return its record.
 
     An exception from ``agent.step`` propagates, unless ``record_agent_errors``: then it fails the subtask as
@@ -129,7 +131,7 @@ def run_chain(env: Env, agent: CalvinAgent, oracle: Oracle, chain: Chain, mode: 
     seed_everything(seed)
     if isinstance(getattr(env, "rng", None), np.random.Generator):
         env.rng = np.random.default_rng(seed)  # per-chain visual variation (playtable), independent of history
-    instructions = instructions_for(chain, mode, seed)
+    instructions = instructions_for(chain, mode, seed, phrasings)
     robot_obs, scene_obs = state_to_obs(chain.initial_state)
     obs = env.reset(robot_obs=robot_obs, scene_obs=scene_obs)  # the only reset in a chain
     describe = getattr(agent, "describe", None)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from sim_eval.protocol.tasks import TASK_NAMES, eval_instruction, heldout_phrasings, train_phrasings
+from sim_eval.protocol.tasks import TASK_NAMES, check_task_name, eval_instruction, heldout_phrasings, train_phrasings
 
 MODES = ("standard", "heldout_phrasings", "long_horizon")
 COMPOSITE_SEPARATOR = ", then "
@@ -50,15 +51,63 @@ def split_composite(text: str) -> list[str]:
     return [part.strip() for part in text.split(COMPOSITE_SEPARATOR)]
 
 
-def chain_instructions(tasks: Sequence[str], mode: str, rng: np.random.Generator) -> list[str]:
-    """The instruction given for each subtask of a chain in ``mode``."""
+def chain_instructions(tasks: Sequence[str], mode: str, rng: np.random.Generator,
+                       phrasings: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """The instruction given for each subtask of a chain in ``mode``. ``phrasings`` (``load_phrasings``: a user's
+    task -> instructions table) replaces the mode's wording for the tasks it lists, one seeded choice per subtask;
+    tasks it does not list keep the mode's wording. In long-horizon mode the chosen parts are composed."""
     check_mode(mode)
-    if mode == "standard":
-        return [eval_instruction(t) for t in tasks]
-    if mode == "heldout_phrasings":
-        return [str(rng.choice(heldout_phrasings(t))) for t in tasks]
-    composite = compose_instructions([eval_instruction(t) for t in tasks])
-    return [composite] * len(tasks)
+    phrasings = phrasings or {}
+
+    def wording(task: str) -> str:
+        if task in phrasings:
+            return str(rng.choice(list(phrasings[task])))
+        if mode == "heldout_phrasings":
+            return str(rng.choice(heldout_phrasings(task)))
+        return eval_instruction(task)
+
+    parts = [wording(t) for t in tasks]
+    if mode == "long_horizon":
+        return [compose_instructions(parts)] * len(tasks)
+    return parts
+
+
+MAX_PHRASING_CHARS = 512
+
+
+def load_phrasings(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """A user's phrasings file (YAML: task name -> list of instructions), checked: known task names, non-empty lists
+    of non-empty strings of at most 512 characters without the composite separator. ValueError naming the entry."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"eval.phrasings: no file {str(file)!r} (a YAML mapping: task name -> list of instructions)")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"eval.phrasings: {file} is not readable YAML: {err}") from None
+    if not isinstance(raw, Mapping) or not raw:
+        raise ValueError(f"eval.phrasings: {file} must map task names to lists of instructions, got "
+                         f"{type(raw).__name__}")
+    table: dict[str, tuple[str, ...]] = {}
+    for task, texts in raw.items():
+        try:
+            check_task_name(task)
+        except ValueError as err:
+            raise ValueError(f"eval.phrasings: {err}") from None
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, Sequence) or not texts:
+            raise ValueError(f"eval.phrasings: {task} needs a non-empty list of instructions, got {texts!r}")
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"eval.phrasings: {task} has an empty or non-text instruction {text!r}")
+            if len(text) > MAX_PHRASING_CHARS or COMPOSITE_SEPARATOR in text:
+                raise ValueError(f"eval.phrasings: {task}: {text[:40]!r}... is longer than {MAX_PHRASING_CHARS} "
+                                 f"characters or contains {COMPOSITE_SEPARATOR!r}")
+        table[task] = tuple(" ".join(t.split()) for t in texts)
+    return table
 
 
 def _normalise(text: str) -> str:
