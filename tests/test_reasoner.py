@@ -321,3 +321,72 @@ def test_agent_ghil_glue_reasoner_runs_the_shipped_hierarchy_on_the_reasoners_su
     assert reasoned.subtasks_seen == ["lift the red block"]
     assert reasoned.agent.goals._instruction == "lift the red block"  # the generator imagined the subtask
     assert agent.describe().reasoning == lift and len(server["bodies"]) == 1
+
+
+# -- AsyncReasoner: the freshest complete reasoning --------------------------------------------------------------------
+
+
+class SlowReasoner:
+    """Takes ``delay`` seconds per reasoning; its subtask names the step it reasoned about."""
+
+    def __init__(self, delay=0.05, fail_at=None):
+        self.delay, self.fail_at, self.seen, self.resets = delay, fail_at, [], 0
+
+    def reset(self):
+        self.resets += 1
+
+    def reason(self, o):
+        import time
+
+        time.sleep(self.delay)
+        self.seen.append(o.t)
+        if self.fail_at is not None and o.t >= self.fail_at:
+            raise RuntimeError("the VLM crashed")
+        return Reasoning(task=o.instruction, subtask=f"step {o.t}")
+
+
+def test_async_reasoner_answers_the_first_call_then_returns_the_freshest_complete_result():
+    import time
+
+    from ghil.runtime.async_reasoner import AsyncReasoner
+
+    inner = SlowReasoner(delay=0.05)
+    with AsyncReasoner(inner) as reasoner:
+        assert reasoner.reason(obs(0)).subtask == "step 0"  # synchronous first answer
+        start = time.perf_counter()
+        answers = [reasoner.reason(obs(t)).subtask for t in range(1, 30)]
+        assert time.perf_counter() - start < 0.05 * 5  # the loop never waited for the slow reasoner
+        assert reasoner.wait_idle(2.0)
+        latest = reasoner.reason(obs(30)).subtask
+        assert answers[0] == "step 0" and latest != "step 0"
+        assert len(inner.seen) < 30  # newest observation wins: stale ones are skipped
+        steps = [int(a.split()[1]) for a in answers]
+        assert steps == sorted(steps)  # never an older result after a newer one
+        reasoner.reset()
+        assert inner.resets == 1 and reasoner.reason(obs(0)).subtask == "step 0"
+
+
+def test_reasoned_agent_can_run_its_reasoner_asynchronously():
+    from ghil.runtime.async_reasoner import AsyncReasoner
+    from ghil.runtime.reasoned_agent import ReasonedAgent
+
+    inner = RecordingAgent()
+    agent = ReasonedAgent(inner, SlowReasoner(delay=0.01), reason_every=1, asynchronous=True)
+    assert isinstance(agent.reasoner, AsyncReasoner)
+    agent.reset()
+    for t in range(5):
+        agent.act(obs(t))
+    assert inner.instructions[0] == "step 0" and all(i.startswith("step ") for i in inner.instructions)
+    agent.reasoner.close()
+
+
+def test_async_reasoner_contains_a_crash_and_keeps_the_last_reasoning():
+    from ghil.runtime.async_reasoner import AsyncReasoner
+
+    with AsyncReasoner(SlowReasoner(delay=0.0, fail_at=1)) as reasoner:
+        assert reasoner.reason(obs(0)).subtask == "step 0"
+        reasoner.reason(obs(1))
+        assert reasoner.wait_idle(2.0)
+        assert reasoner.errors == 1 and reasoner.reason(obs(2)).subtask == "step 0"
+    with pytest.raises(TypeError):
+        AsyncReasoner(object())

@@ -4,7 +4,9 @@ decomposes it.
 
 Every ``reason_every`` steps (and at the first step of an episode) the reasoner sees the observation with the
 user's instruction; between those steps its last reasoning stays in force (the reasoner itself decides full vs
-frozen-prefix reasoning, ``planners.reasoner.VLMReasoner``). When the subtask changes, the inner agent is reset
+frozen-prefix reasoning, ``planners.reasoner.VLMReasoner``); with ``asynchronous=True`` it runs on a worker thread
+(``ghil.runtime.async_reasoner.AsyncReasoner``) and each call takes its freshest complete reasoning (robots;
+``ghil eval`` keeps the synchronous mode for exact reproduction). When the subtask changes, the inner agent is reset
 (its goal provider replans for the new subtask, stale queued actions are dropped), exactly as CALVIN resets an agent
 between subtasks. A reasoning with an empty subtask leaves the instruction in force.
 
@@ -30,13 +32,17 @@ __all__ = ["ReasonedAgent"]
 class ReasonedAgent:
     """See the module docstring; an ``Agent`` itself (``space``, ``reset``, ``act``, ``describe``, ``seed``)."""
 
-    def __init__(self, agent: Agent, reasoner: Reasoner, reason_every: int = 4):
+    def __init__(self, agent: Agent, reasoner: Reasoner, reason_every: int = 4, asynchronous: bool = False):
         if not isinstance(agent, Agent):
             raise TypeError(f"agent must be a ghil.interfaces.Agent, got {type(agent).__name__}")
         if not isinstance(reasoner, Reasoner):
             raise TypeError(f"reasoner must be a ghil.interfaces.Reasoner (reason(obs)), got {type(reasoner).__name__}")
         if int(reason_every) < 1:
             raise ValueError(f"reason_every must be >= 1, got {reason_every}")
+        if asynchronous:  # beside the control loop: each call returns the freshest complete reasoning
+            from ghil.runtime.async_reasoner import AsyncReasoner
+
+            reasoner = AsyncReasoner(reasoner)
         self.agent, self.reasoner, self.reason_every = agent, reasoner, int(reason_every)
         self.space = agent.space
         self._reasoning: Reasoning | None = None
