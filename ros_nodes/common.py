@@ -257,6 +257,30 @@ class InputStore:
             self.joints, self.gripper_width, self.joint_stamp = None, None, None
 
 
+# -- the reasoner's subtasks ------------------------------------------------------------------------------------
+
+
+class SubtaskFollower:
+    """The newest subtask the reasoner node published per task id (``subtask_topic``, latched JSON)."""
+
+    def __init__(self, node, topic: str, callback_group=None):
+        self._lock = threading.Lock()
+        self._by_task: dict = {}
+        node.create_subscription(String, topic, self._on_subtask, LATCHED, callback_group=callback_group)
+
+    def _on_subtask(self, msg: String) -> None:
+        payload = parse_json(msg)
+        if payload and isinstance(payload.get("subtask"), str) and payload["subtask"].strip():
+            with self._lock:
+                self._by_task[payload.get("task_id")] = payload["subtask"].strip()
+                for old in list(self._by_task)[:-8]:
+                    del self._by_task[old]
+
+    def current(self, task_id) -> str | None:
+        with self._lock:
+            return self._by_task.get(task_id)
+
+
 # -- settings as ROS parameters -----------------------------------------------------------------------------------
 
 

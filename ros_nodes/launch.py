@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-ROLES = ("policy", "subgoals", "sim")
+ROLES = ("policy", "subgoals", "reasoner", "sim")
+REASONED = "ghil.runtime.reasoned_agent.ReasonedAgent"  # an agent config with a reasoner in front (ghil_glue_reasoner)
 
 
 def compose_launch_config(overrides: list[str]) -> DictConfig:
@@ -54,15 +55,20 @@ def build_stages(cfg: DictConfig, context=None) -> dict[str, Any]:
     from ghil.runtime.joint_commands import ChunkCommander
     from ghil.runtime.kinematics import PandaKinematics
     from ghil.runtime.policy_agent import NoGoal, PolicyAgent
+    from ghil.runtime.reasoned_agent import ReasonedAgent
     from planners.subgoals import GeneratedSubgoals, proposal_method
     from ros_nodes.common import ROBOTS
     from ros_nodes.policy_node import PolicyNode
     from ros_nodes.subgoal_node import SubgoalNode
 
     agent = instantiate(cfg.agent)
+    reasoner = None
+    if isinstance(agent, ReasonedAgent):  # reasoner -> the lower hierarchy: the reasoner gets its own node
+        agent, reasoner = agent.agent, agent.reasoner
     if not isinstance(agent, PolicyAgent):
         raise ValueError(f"ghil launch runs a PolicyAgent hierarchy (agent=ghil_glue_tokens, susie_tokens, "
-                         f"ghil_glue, flat_policy, ...); agent={cfg.agent.get('_target_')} is not one")
+                         f"ghil_glue, flat_policy, ghil_glue_reasoner, ...); agent={cfg.agent.get('_target_')} is not "
+                         "one")
     settings = ros_settings(cfg)
     warm_up(agent, int(cfg.agent.get("seed", 0)))
     kinematics = PandaKinematics()
@@ -78,12 +84,20 @@ def build_stages(cfg: DictConfig, context=None) -> dict[str, Any]:
                          "subgoals): the graph runs generated subgoals (agent=ghil_glue_tokens, susie_tokens, ...)")
     nodes: dict[str, Any] = {}
     roles = list(cfg.get("nodes", ["policy", "subgoals"]))
+    follow = reasoner is not None
+    policy = agent.policy
+    cameras = {c: (size, size) for c, size in zip(policy.cameras, policy.image_sizes)}
     if "policy" in roles:
-        nodes["policy"] = PolicyNode(commander, kinematics, settings, goal_input=goal_input, context=context)
+        nodes["policy"] = PolicyNode(commander, kinematics, settings, goal_input=goal_input, follow_subtasks=follow,
+                                     context=context)
     if "subgoals" in roles and not isinstance(goals, NoGoal):
-        policy = agent.policy
-        cameras = {c: (size, size) for c, size in zip(policy.cameras, policy.image_sizes)}
-        nodes["subgoals"] = SubgoalNode(goals, cameras, PandaKinematics(), settings, context=context)
+        nodes["subgoals"] = SubgoalNode(goals, cameras, PandaKinematics(), settings, follow_subtasks=follow,
+                                        context=context)
+    if "reasoner" in roles and reasoner is not None:
+        from ros_nodes.reasoner_node import ReasonerNode
+
+        camera = getattr(reasoner, "camera", "rgb_static")
+        nodes["reasoner"] = ReasonerNode(reasoner, (camera, cameras[camera]), settings, context=context)
     return nodes
 
 
@@ -196,6 +210,8 @@ def plan_processes(cfg: DictConfig) -> tuple[list[str], list[str]]:
     stage its own interpreter: the policy's control timer never waits for the generator's Python (measured: with
     both in one process, 30-70 ms late ticks and chunks that miss their start); ``single`` runs all in one."""
     roles = list(cfg.get("nodes", ["policy", "subgoals"]))
+    if cfg.agent.get("_target_") == REASONED and "reasoner" not in roles and roles[:2] == ["policy", "subgoals"]:
+        roles.append("reasoner")
     if cfg.robot.get("sim") and "sim" not in roles:
         roles.append("sim")
     if cfg.ros.get("processes", "per_node") == "single":

@@ -39,9 +39,9 @@ from ghil.runtime.instruction_gate import REPEAT, InstructionGate
 from ghil.runtime.joint_commands import ChunkCommander
 from ghil.runtime.safety import InputWatchdog, StopLatch, UnsafeCommandError, hold_trajectory
 from ghil.types import Observation, Subgoal
-from ros_nodes.common import (COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, ImageError, InputStore, declare_settings,
-                              image_from_msg, json_msg, now_s, parse_json, seconds, tokens_from_msg,
-                              trajectory_msg)
+from ros_nodes.common import (COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, ImageError, InputStore, SubtaskFollower,
+                              declare_settings, image_from_msg, json_msg, now_s, parse_json, seconds,
+                              tokens_from_msg, trajectory_msg)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class PolicyNode(Node):
     """See the module docstring. ``commander`` holds the policy; ``kinematics`` gives robot_obs from joints."""
 
     def __init__(self, commander: ChunkCommander, kinematics, settings: dict[str, Any], goal_input: str = "image",
-                 context=None, name: str = "ghil_policy"):
+                 follow_subtasks: bool = False, context=None, name: str = "ghil_policy"):
         super().__init__(name, namespace=settings.get("namespace") or None, context=context)
         if goal_input not in ("image", "tokens"):
             raise ValueError(f"goal_input must be 'image' or 'tokens' (a token-space generator), got {goal_input!r}")
@@ -124,6 +124,8 @@ class PolicyNode(Node):
                                          callback_group=self._io_group)
         self.create_subscription(String, s["robot_events_topic"], self._on_robot_event, STATUS,
                                  callback_group=self._io_group)
+        # With a reasoner node, the policy's language is the reasoner's SUBTASK for the current task.
+        self.subtasks = SubtaskFollower(self, s["subtask_topic"], self._io_group) if follow_subtasks else None
         self.create_service(Trigger, s["stop_service"], self._on_stop, callback_group=self._service_group)
         self.create_service(Trigger, s["resume_service"], self._on_resume, callback_group=self._service_group)
         # The control loop is a plain thread on a monotonic schedule, not an executor timer: a timer callback that
@@ -383,6 +385,12 @@ class PolicyNode(Node):
         if self.commander.policy.uses_goal and (subgoal is None or self._subgoal_stamp < self._ready_stamp):
             self.message = "waiting for the first subgoal"
             return None
+        instruction = self.task["instruction"]
+        if self.subtasks is not None:
+            instruction = self.subtasks.current(self.task["id"])
+            if instruction is None:
+                self.message = "waiting for the reasoner's first subtask"
+                return None
         width = width if width is not None else (self.s["gripper_open_m"] if self._gripper_action > 0 else 0.0)
         robot_obs = self.kinematics.robot_obs(joints, width, self._gripper_action)
         if not self._anchored:
@@ -395,7 +403,7 @@ class PolicyNode(Node):
         skip = max(0, int(round((start_at - obs_stamp) / self.dt)) - 1) if self._next_start is not None else 0
         obs = Observation(images=frames, proprio=robot_obs.astype(np.float32),
                           t=max(0, int(round((obs_stamp - self._ready_stamp) / self.dt))),
-                          instruction=self.task["instruction"])
+                          instruction=instruction)
         # A chunk that starts where the last one ends is velocity-limited from that one's last point.
         previous = self._last_point if start is not None else None
         return {"task_id": self.task["id"], "obs": obs, "subgoal": subgoal, "joints": joints, "skip": skip,

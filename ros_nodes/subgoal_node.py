@@ -32,8 +32,8 @@ from std_msgs.msg import String
 from ghil.interfaces import GoalProvider
 from ghil.runtime.async_goals import AsyncGoals
 from ghil.types import Observation, Subgoal
-from ros_nodes.common import (COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, InputStore, declare_settings, image_msg, json_msg,
-                              parse_json, seconds)
+from ros_nodes.common import (COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, InputStore, SubtaskFollower,
+                              declare_settings, image_msg, json_msg, parse_json, seconds)
 
 __all__ = ["SubgoalNode"]
 
@@ -75,7 +75,7 @@ class SubgoalNode(Node):
     """See the module docstring. ``goals`` is the agent's goal provider, already bound to its policy."""
 
     def __init__(self, goals: GoalProvider, cameras: dict[str, tuple[int, int]], kinematics,
-                 settings: dict[str, Any], context=None, name: str = "ghil_subgoals"):
+                 settings: dict[str, Any], follow_subtasks: bool = False, context=None, name: str = "ghil_subgoals"):
         super().__init__(name, namespace=settings.get("namespace") or None, context=context)
         if not isinstance(goals, GoalProvider):
             raise TypeError(f"the subgoal node runs a ghil.interfaces.GoalProvider, got {type(goals).__name__}")
@@ -113,6 +113,8 @@ class SubgoalNode(Node):
         for camera in cameras:
             self.create_subscription(Image, s[f"camera_topics.{camera}"],
                                      lambda msg, c=camera: self.inputs.on_image(c, msg), STREAM, callback_group=io)
+        # With a reasoner node, its SUBTASK (not the user's instruction) is what the generator imagines.
+        self.subtasks = SubtaskFollower(self, s["subtask_topic"], io) if follow_subtasks else None
         self.create_timer(self.dt, self._tick, callback_group=group)
 
     def _on_task(self, msg: String) -> None:
@@ -161,9 +163,14 @@ class SubgoalNode(Node):
         if obs_stamp < ready or obs_stamp == self._last_obs_stamp:
             return  # frames from before the robot's reset, or nothing new since the last call
         self._last_obs_stamp = obs_stamp
+        instruction = task["instruction"]
+        if self.subtasks is not None:
+            instruction = self.subtasks.current(task["id"])
+            if instruction is None:
+                return  # the reasoner has not named the first subtask yet
         robot_obs = self.kinematics.robot_obs(joints, width if width is not None else 0.08, 1)
         obs = Observation(images=frames, proprio=robot_obs.astype(np.float32),
-                          t=max(0, int(round((obs_stamp - ready) / self.dt))), instruction=task["instruction"])
+                          t=max(0, int(round((obs_stamp - ready) / self.dt))), instruction=instruction)
         self._stamps[obs.t] = obs_stamp
         self._t_requested[obs.t] = time.perf_counter()
         for store in (self._stamps, self._t_requested):

@@ -81,6 +81,7 @@ class FixedGoals:
     def __init__(self, tokens: bool = False, fail_after: int | None = None, hang_after: int | None = None):
         self.tokens, self.fail_after, self.hang_after = tokens, fail_after, hang_after
         self.calls = 0
+        self.instructions: list[str] = []
         self.release = threading.Event()
 
     def reset(self) -> None:
@@ -88,6 +89,7 @@ class FixedGoals:
 
     def goal(self, obs):
         self.calls += 1
+        self.instructions.append(obs.instruction)
         if self.fail_after is not None and self.calls > self.fail_after:
             raise RuntimeError("generator exploded")
         if self.hang_after is not None and self.calls > self.hang_after:
@@ -199,17 +201,18 @@ def sim_factory(s, **robot):
     return make
 
 
-def policy_factory(policy, kinematics, s, goal_input="image", limits=None):
+def policy_factory(policy, kinematics, s, goal_input="image", limits=None, follow_subtasks=False):
     def make(context):
         commander = ChunkCommander(policy, kinematics=kinematics, limits=limits, control_hz=s["control_hz"])
-        return PolicyNode(commander, kinematics, s, goal_input=goal_input, context=context)
+        return PolicyNode(commander, kinematics, s, goal_input=goal_input, follow_subtasks=follow_subtasks,
+                          context=context)
     return make
 
 
-def subgoal_factory(goals, s):
+def subgoal_factory(goals, s, follow_subtasks=False):
     def make(context):
         return SubgoalNode(goals, {"rgb_static": (SIZE, SIZE), "rgb_gripper": (SIZE, SIZE)}, PandaKinematics(), s,
-                           context=context)
+                           follow_subtasks=follow_subtasks, context=context)
     return make
 
 
@@ -659,5 +662,87 @@ def test_ros_parameters_override_the_launch_config(policy, kinematics):
         assert node.s["max_steps"] == 7 and node.s["status_topic"] == "/other/status"
         assert node.pub_status.topic_name == "/other/status"
         node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+# -- the reasoner node -------------------------------------------------------------------------------------------------
+
+
+class RecordingPolicy:
+    """A ChunkPolicy that delegates to ``inner`` and records each observation's instruction."""
+
+    def __init__(self, inner):
+        self.inner, self.instructions = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict_chunk(self, obs, goal=None, **kw):
+        self.instructions.append(obs.instruction)
+        return self.inner.predict_chunk(obs, goal, **kw)
+
+
+class ScriptedReasoner:
+    """Names the second part of a composite instruction as the subtask."""
+
+    camera = "rgb_static"
+
+    def reason(self, obs):
+        from ghil.types import Reasoning
+
+        parts = obs.instruction.split(", then ")
+        return Reasoning(task=obs.instruction, plan=tuple(parts), subtask=parts[-1], move="move left")
+
+
+@pytest.mark.slow
+def test_the_reasoner_node_names_the_subtask_the_subgoal_and_policy_nodes_follow(graph_factory, policy, kinematics):
+    from ros_nodes.reasoner_node import ReasonerNode
+
+    s = settings(max_steps=45)
+    goals, recording = FixedGoals(), RecordingPolicy(policy)
+    reasonings = []
+    g = graph_factory(sim_factory(s), policy_factory(recording, kinematics, s, follow_subtasks=True),
+                      subgoal_factory(goals, s, follow_subtasks=True),
+                      lambda context: ReasonerNode(ScriptedReasoner(), ("rgb_static", (SIZE, SIZE)), s,
+                                                   context=context), s=s)
+    probe = g.probe
+    probe.create_subscription(String, s["reasoning_topic"], lambda m: reasonings.append(json.loads(m.data)), COMMANDS)
+    probe.say("open the drawer, then turn on the led")
+    assert g.wait(lambda: probe.last_status().get("state") == "executing", timeout=30), probe.last_status()
+    assert g.wait(lambda: len(recording.instructions) >= 2)
+    assert set(goals.instructions) == {"turn on the led"}  # the generator imagines the reasoner's subtask
+    assert set(recording.instructions) == {"turn on the led"}  # and the policy is conditioned on it
+    assert g.wait(lambda: reasonings)
+    first = reasonings[0]
+    assert first["subtask"] == "turn on the led" and first["plan"] == ["open the drawer", "turn on the led"]
+    assert first["task_id"] == probe.last_status()["task_id"] and first["fallback"] is False
+
+
+def test_agents_with_a_reasoner_get_a_reasoner_process():
+    from ros_nodes.launch import plan_processes
+
+    assert plan_processes(compose_launch_config(["agent=ghil_glue_reasoner", "robot=sim"])) == (
+        ["policy"], ["subgoals", "reasoner", "sim"])
+
+
+@pytest.mark.slow
+def test_launch_splits_a_reasoned_agent_into_three_nodes():
+    from planners.reasoner import VLMReasoner
+    from ros_nodes.launch import build_stages
+    from ros_nodes.reasoner_node import ReasonerNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id())
+    try:
+        nodes = build_stages(compose_launch_config(["agent=ghil_glue_reasoner", "nodes=[policy,subgoals,reasoner]"]),
+                             context)
+        assert set(nodes) == {"policy", "subgoals", "reasoner"}
+        assert isinstance(nodes["reasoner"], ReasonerNode)
+        assert isinstance(nodes["reasoner"].reasoner.reasoner, VLMReasoner)
+        assert nodes["policy"].subtasks is not None and nodes["subgoals"].subtasks is not None
+        for node in nodes.values():
+            node.close()
+            node.destroy_node()
     finally:
         rclpy.try_shutdown(context=context)
