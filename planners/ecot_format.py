@@ -27,7 +27,8 @@ from collections.abc import Collection
 
 from ghil.types import ECOT_TAGS, Reasoning
 
-__all__ = ["ReasoningParseError", "parse_reasoning", "render_reasoning", "prefix", "FROZEN_UNTIL"]
+__all__ = ["ReasoningParseError", "parse_reasoning", "render_reasoning", "prefix", "FROZEN_UNTIL",
+           "reasoning_from_label"]
 
 FROZEN_UNTIL = "MOVE REASONING"  # the first tag regenerated on frozen-prefix updates
 _FIELDS = ("task", "plan", "visible_objects", "subtask_reasoning", "subtask", "move_reasoning", "move",
@@ -202,3 +203,36 @@ def prefix(text: str) -> str:
     if m is None:
         raise ValueError(f"no {FROZEN_UNTIL}: tag to freeze before")
     return text[:m.start()].rstrip() + " "
+
+
+def reasoning_from_label(label: dict, instruction: str | None = None,
+                         image_size: tuple[int, int] | None = None) -> Reasoning:
+    """The training target of one frame's ECoT label (``ghil collect``'s ``ecot_labels/*.jsonl``, projected from
+    ground truth by sim_eval/demonstrations/labels.py) as a ``Reasoning``.
+
+    SUBTASK is the current task's instruction (the language the generator, filter and policy were trained on); the
+    expert's phase ("reach above handle") and the gripper state are the SUBTASK / MOVE REASONING; PLAN is the
+    episode's remaining tasks; GRIPPER POSITION the projected future tcp pixels, clamped into ``image_size`` (width,
+    height) when given (6 % of collected frames project a future position below the frame: the gripper leaving the
+    view is drawn at the border, as a strictly parsed reply must be). ``instruction`` is the TASK the user gave
+    (default: the current task's)."""
+    try:
+        task = str(label["task"]).strip()
+        phase = str(label.get("subtask", "")).strip()
+        gripper = str(label.get("gripper", "")).strip()
+        points = label.get("future_gripper_positions") or [label["gripper_position"]]
+        if image_size is not None:
+            w, h = image_size
+            points = [(min(max(u, 0), w - 1), min(max(v, 0), h - 1)) for u, v in points]
+        return Reasoning(
+            task=(instruction or task).strip(), plan=tuple(str(p).strip() for p in label.get("plan", ()) or (task,)),
+            visible_objects={str(k): tuple(int(round(c)) for c in box)
+                             for k, box in dict(label.get("visible_objects", {})).items()},
+            subtask_reasoning=f"the current task is to {task}; its next phase is to {phase}." if phase else "",
+            subtask=task,
+            move_reasoning=f"to {phase} with the gripper {gripper}." if phase and gripper else "",
+            move=str(label["move"]).strip(),
+            gripper_position=tuple((float(round(u)), float(round(v))) for u, v in points))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"not an ECoT label ({type(err).__name__}: {err}); expected the keys task, plan, subtask, "
+                         "move, gripper_position, visible_objects") from None

@@ -82,3 +82,30 @@ def test_the_frozen_prefix_ends_before_move_reasoning():
     assert parse_reasoning(head + text[len(head):], SIZE) == GOOD
     with pytest.raises(ValueError):
         prefix("TASK: x. SUBTASK: y.")
+
+
+LABEL = {"task": "close the drawer", "plan": ["close the drawer", "pull out the drawer"],
+         "subtask": "reach above handle", "move": "close gripper", "gripper_position": [57.3, 103.1],
+         "future_gripper_positions": [[57.3, 103.1], [58.4, 114.3], [59.6, 128.3]], "gripper": "closed",
+         "visible_objects": {"blue block": [62, 62, 79, 80], "drawer handle": [69, 159, 122, 199]},
+         "task_name": "close_drawer"}
+
+
+def test_a_collected_label_becomes_a_well_formed_training_target():
+    from planners.ecot_format import reasoning_from_label
+
+    r = reasoning_from_label(LABEL, instruction="close the drawer, then pull out the drawer")
+    assert r.subtask == "close the drawer" and r.task.startswith("close the drawer, then")
+    assert r.plan == ("close the drawer", "pull out the drawer") and r.move == "close gripper"
+    assert r.gripper_position[1] == (58.0, 114.0) and r.visible_objects["drawer handle"] == (69, 159, 122, 199)
+    assert "reach above handle" in r.subtask_reasoning
+    text = render_reasoning(r)
+    assert parse_reasoning(text, SIZE, subtasks=LABEL["plan"]) == r  # the target text parses back exactly
+    with pytest.raises(ValueError, match="not an ECoT label"):
+        reasoning_from_label({"plan": []})
+    # A future position below the frame (the gripper leaving the view) is clamped to the border.
+    low = dict(LABEL, future_gripper_positions=[[57.3, 103.1], [71.4, 204.6]])
+    with pytest.raises(ReasoningParseError, match="outside"):
+        parse_reasoning(render_reasoning(reasoning_from_label(low)), SIZE)
+    clamped = reasoning_from_label(low, image_size=SIZE)
+    assert clamped.gripper_position[-1] == (71.0, 199.0) and parse_reasoning(render_reasoning(clamped), SIZE) == clamped
