@@ -257,6 +257,63 @@ class InputStore:
             self.joints, self.gripper_width, self.joint_stamp = None, None, None
 
 
+# -- what a stage node follows: the task, the robot's readiness, the policy's state ----------------------------
+
+
+class TaskFollower:
+    """The accepted task (``task_topic``), when the robot got ready for it (a sim's ``ready`` event, which may
+    arrive before the task; or the task's arrival when ``wait_for_robot`` is off) and whether the policy node is
+    planning or executing: what the subgoal and reasoner nodes need to know before they work on a frame."""
+
+    def __init__(self, node, settings: Mapping[str, Any], callback_group=None):
+        self._node, self._wait = node, bool(settings["wait_for_robot"])
+        self._lock = threading.Lock()
+        self.task: dict | None = None
+        self._ready_stamp: float | None = None
+        self._ready_by_task: dict = {}
+        self._new_task = False
+        self.policy_state = "idle"
+        node.create_subscription(String, settings["task_topic"], self._on_task, LATCHED, callback_group=callback_group)
+        node.create_subscription(String, settings["status_topic"], self._on_status, STATUS,
+                                 callback_group=callback_group)
+        node.create_subscription(String, settings["robot_events_topic"], self._on_robot_event, STATUS,
+                                 callback_group=callback_group)
+
+    def _on_task(self, msg: String) -> None:
+        task = parse_json(msg)
+        if task is None or "instruction" not in task:
+            return
+        with self._lock:
+            self.task, self._new_task = task, True
+            self._ready_stamp = self._ready_by_task.get(task.get("id")) if self._wait else now_s(self._node)
+
+    def _on_status(self, msg: String) -> None:
+        status = parse_json(msg)
+        if status is not None:
+            self.policy_state = str(status.get("state"))
+
+    def _on_robot_event(self, msg: String) -> None:
+        event = parse_json(msg)
+        if not event or event.get("event") != "ready":
+            return
+        with self._lock:
+            self._ready_by_task[event.get("task_id")] = float(event.get("stamp"))
+            for old in list(self._ready_by_task)[:-8]:
+                del self._ready_by_task[old]
+            if self.task and event.get("task_id") == self.task.get("id"):
+                self._ready_stamp = float(event.get("stamp"))
+
+    def take(self) -> tuple[dict | None, float | None, bool]:
+        """(task, ready stamp or None, whether the task is new since the last call)."""
+        with self._lock:
+            new, self._new_task = self._new_task, False
+            return self.task, self._ready_stamp, new
+
+    @property
+    def active(self) -> bool:
+        return self.policy_state in ("planning", "executing")
+
+
 # -- the reasoner's subtasks ------------------------------------------------------------------------------------
 
 

@@ -105,7 +105,6 @@ def warm_up(agent, seed: int) -> None:
     """One subgoal and one chunk on a blank observation before the graph starts, so the first instruction does not
     pay for lazy initialisation (the text encoder's first call alone takes ~3 s on 2 cores); then re-seeded."""
     import numpy as np
-    import torch
 
     from ghil.runtime.kinematics import PANDA, PandaKinematics
     from ghil.types import Observation

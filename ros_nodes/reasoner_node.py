@@ -11,7 +11,6 @@ stamp}, latched): the subgoal node and the policy node take it as the instructio
 from __future__ import annotations
 
 import dataclasses
-import threading
 from typing import Any
 
 import numpy as np
@@ -23,8 +22,7 @@ from std_msgs.msg import String
 from ghil.interfaces import Reasoner
 from ghil.runtime.async_reasoner import AsyncReasoner
 from ghil.types import Observation
-from ros_nodes.common import (COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, InputStore, declare_settings, json_msg,
-                              parse_json, seconds)
+from ros_nodes.common import COMMANDS, LATCHED, ROBOTS, STREAM, InputStore, TaskFollower, declare_settings, json_msg
 
 __all__ = ["ReasonerNode"]
 
@@ -43,12 +41,6 @@ class ReasonerNode(Node):
         self.camera = camera[0]
         self.inputs = InputStore({camera[0]: camera[1]}, ROBOTS[s["robot_model"]](), s["finger_joints"])
         self.reasoner = AsyncReasoner(reasoner)
-        self._lock = threading.Lock()
-        self.task: dict | None = None
-        self._ready_stamp: float | None = None
-        self._ready_by_task: dict = {}
-        self._policy_state = "idle"
-        self._reset_pending = False
         self._last = None
         self._last_stamp: float | None = None
         self._subtask: str | None = None
@@ -56,48 +48,21 @@ class ReasonerNode(Node):
         io = ReentrantCallbackGroup()
         self.pub_reasoning = self.create_publisher(String, s["reasoning_topic"], COMMANDS)
         self.pub_subtask = self.create_publisher(String, s["subtask_topic"], LATCHED)
-        self.create_subscription(String, s["task_topic"], self._on_task, LATCHED, callback_group=io)
-        self.create_subscription(String, s["status_topic"], self._on_status, STATUS, callback_group=io)
-        self.create_subscription(String, s["robot_events_topic"], self._on_robot_event, STATUS, callback_group=io)
+        self.tasks = TaskFollower(self, s, io)
         self.create_subscription(JointState, s["joint_states_topic"], self.inputs.on_joint_state, STREAM,
                                  callback_group=io)
         self.create_subscription(Image, s[f"camera_topics.{self.camera}"],
                                  lambda msg: self.inputs.on_image(self.camera, msg), STREAM, callback_group=io)
         self.create_timer(self.dt, self._tick, callback_group=MutuallyExclusiveCallbackGroup())
 
-    def _on_task(self, msg: String) -> None:
-        task = parse_json(msg)
-        if task is None or "instruction" not in task:
-            return
-        with self._lock:
-            self.task = task
-            ready = self._ready_by_task.get(task.get("id"))
-            self._ready_stamp = ready if self.s["wait_for_robot"] else seconds(self.get_clock().now().to_msg())
-            self._reset_pending, self._last, self._subtask = True, None, None
-
-    def _on_status(self, msg: String) -> None:
-        status = parse_json(msg)
-        if status is not None:
-            self._policy_state = str(status.get("state"))
-
-    def _on_robot_event(self, msg: String) -> None:
-        event = parse_json(msg)
-        if not event or event.get("event") != "ready":
-            return
-        with self._lock:
-            self._ready_by_task[event.get("task_id")] = float(event.get("stamp"))
-            if self.task and event.get("task_id") == self.task.get("id"):
-                self._ready_stamp = float(event.get("stamp"))
-
     def _tick(self) -> None:
-        with self._lock:
-            task, ready, reset = self.task, self._ready_stamp, self._reset_pending
-            self._reset_pending = False
+        task, ready, new = self.tasks.take()
         if task is None:
             return
-        if reset:
+        if new:
             self.reasoner.reset()
-        if ready is None or self._policy_state not in ("planning", "executing"):
+            self._last, self._subtask = None, None
+        if ready is None or not self.tasks.active:
             return
         frames, joints, _, stamps = self.inputs.snapshot()
         if self.camera not in frames or stamps[self.camera] < ready or stamps[self.camera] == self._last_stamp:

@@ -19,7 +19,6 @@ in it is contained (counted, reported on the info topic) and the last subgoal st
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -32,8 +31,8 @@ from std_msgs.msg import String
 from ghil.interfaces import GoalProvider
 from ghil.runtime.async_goals import AsyncGoals
 from ghil.types import Observation, Subgoal
-from ros_nodes.common import (COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, InputStore, SubtaskFollower,
-                              declare_settings, image_msg, json_msg, parse_json, seconds)
+from ros_nodes.common import (COMMANDS, ROBOTS, STREAM, InputStore, SubtaskFollower, TaskFollower, declare_settings,
+                              image_msg, json_msg)
 
 __all__ = ["SubgoalNode"]
 
@@ -87,14 +86,8 @@ class SubgoalNode(Node):
         self._t_requested: dict[int, float] = {}  # obs.t -> when it was handed to the provider
         self.dt = 1.0 / float(s["control_hz"])
         self.inputs = InputStore(cameras, ROBOTS[s["robot_model"]](), s["finger_joints"])
-        self._lock = threading.Lock()
-        self.task: dict[str, Any] | None = None
-        self._ready_stamp: float | None = None
-        self._ready_by_task: dict = {}
-        self._policy_state = "idle"
         self._last_obs_stamp: float | None = None
         self._last_subgoal = None
-        self._reset_pending = False
         self._worker_errors = 0
         self.n_published = 0
         self.errors = 0
@@ -105,9 +98,7 @@ class SubgoalNode(Node):
         self.pub_tokens = self.create_publisher(Image, s["subgoal_tokens_topic"], STREAM)
         self.pub_candidates = self.create_publisher(Image, s["candidates_topic"], STREAM)
         self.pub_info = self.create_publisher(String, s["subgoal_info_topic"], COMMANDS)
-        self.create_subscription(String, s["task_topic"], self._on_task, LATCHED, callback_group=io)
-        self.create_subscription(String, s["status_topic"], self._on_status, STATUS, callback_group=io)
-        self.create_subscription(String, s["robot_events_topic"], self._on_robot_event, STATUS, callback_group=io)
+        self.tasks = TaskFollower(self, s, io)
         self.create_subscription(JointState, s["joint_states_topic"], self.inputs.on_joint_state, STREAM,
                                  callback_group=io)
         for camera in cameras:
@@ -117,44 +108,14 @@ class SubgoalNode(Node):
         self.subtasks = SubtaskFollower(self, s["subtask_topic"], io) if follow_subtasks else None
         self.create_timer(self.dt, self._tick, callback_group=group)
 
-    def _on_task(self, msg: String) -> None:
-        task = parse_json(msg)
-        if task is None or "instruction" not in task:
-            return
-        with self._lock:
-            self.task = task
-            ready = self._ready_by_task.get(task.get("id"))  # the robot's ready may come before the task
-            self._ready_stamp = ready if self.s["wait_for_robot"] else seconds(self.get_clock().now().to_msg())
-            self._last_obs_stamp = None
-            self._last_subgoal = None
-            self._reset_pending = True
-
-    def _on_status(self, msg: String) -> None:
-        status = parse_json(msg)
-        if status is not None:
-            self._policy_state = str(status.get("state"))
-
-    def _on_robot_event(self, msg: String) -> None:
-        event = parse_json(msg)
-        if not event or event.get("event") != "ready":
-            return
-        with self._lock:
-            self._ready_by_task[event.get("task_id")] = float(event.get("stamp"))
-            for old in list(self._ready_by_task)[:-8]:
-                del self._ready_by_task[old]
-            if self.task and event.get("task_id") == self.task.get("id"):
-                self._ready_stamp = float(event.get("stamp"))
-
     def _tick(self) -> None:
-        with self._lock:
-            task, ready = self.task, self._ready_stamp
-            reset = self._reset_pending
-            self._reset_pending = False
+        task, ready, new = self.tasks.take()
         if task is None:
             return
-        if reset:
+        if new:
             self.goals.reset()  # a new task: no subgoal of the old one survives
-        if ready is None or self._policy_state not in ("planning", "executing"):
+            self._last_obs_stamp, self._last_subgoal = None, None
+        if ready is None or not self.tasks.active:
             return
         frames, joints, width, stamps = self.inputs.snapshot()
         if joints is None or any(c not in frames for c in self.inputs.cameras):
