@@ -93,6 +93,7 @@ class PolicyNode(Node):
         self._plan_s = deque([0.02], maxlen=20)  # recent planning times, for the lead
         self._failures = 0
         self._task_chunks = 0
+        self.stage_errors, self.stage_error = 0, None
         self.stats = {"chunks": 0, "late_chunks": 0, "held": 0, "clamped_points": 0, "limited_points": 0,
                       "first_command_latency_s": None, "policy_errors": 0, "skipped_actions": 0}
         self.publish_log: deque = deque(maxlen=5000)
@@ -122,6 +123,9 @@ class PolicyNode(Node):
             if goal_input == "tokens":
                 self.create_subscription(Image, s["subgoal_tokens_topic"], self._on_subgoal_tokens, STREAM,
                                          callback_group=self._io_group)
+        # The subgoal node's errors and silence show in this node's status (a raising or hung stage is reported).
+        self.create_subscription(String, s["subgoal_info_topic"], self._on_subgoal_info, COMMANDS,
+                                 callback_group=self._io_group)
         self.create_subscription(String, s["robot_events_topic"], self._on_robot_event, STATUS,
                                  callback_group=self._io_group)
         # With a reasoner node, the policy's language is the reasoner's SUBTASK for the current task.
@@ -196,6 +200,16 @@ class PolicyNode(Node):
                 return
             self._subgoal, self._subgoal_stamp = subgoal, stamp
 
+    def _on_subgoal_info(self, msg: String) -> None:
+        info = parse_json(msg)
+        if not info or "error" not in info:
+            return
+        with self._lock:
+            if self.task is not None and info.get("task_id") == self.task["id"]:
+                self.stage_errors += 1
+                self.stage_error = f"subgoal node: {info['error']}"[:300]
+                self._publish_status()
+
     def _goal_size(self) -> tuple[int, int]:
         policy = self.commander.policy
         size = dict(zip(policy.cameras, policy.image_sizes))[policy.goal_camera]
@@ -242,6 +256,7 @@ class PolicyNode(Node):
         self._next_start, self._exec_start, self._anchored = None, None, False
         self._failures = 0
         self._task_chunks = 0
+        self.stage_errors, self.stage_error = 0, None
         self.stats["first_command_latency_s"] = None
         self.tick_intervals.clear()
         if not self.latch.stopped:
@@ -450,9 +465,21 @@ class PolicyNode(Node):
 
     # -- status -------------------------------------------------------------------------------------------------
 
+    def _stage_warning(self, now: float) -> str | None:
+        """A stage that raised, or a subgoal older than ``stage_timeout_s`` while executing (a hung generator)."""
+        warnings = []
+        if self.state == "executing" and self._subgoal_stamp is not None and self.commander.policy.uses_goal:
+            age = now - self._subgoal_stamp
+            if age > float(self.s["stage_timeout_s"]):
+                warnings.append(f"no new subgoal for {age:.1f} s (the subgoal node may hang): acting on the last one")
+        if self.stage_error:
+            warnings.append(self.stage_error)
+        return "; ".join(warnings) or None
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             plan_ms = float(np.median(self._plan_s)) * 1000
+            now = now_s(self)
             return {"state": self.state, "task_id": self.task_id,
                     "instruction": None if self.task is None else self.task["instruction"],
                     "message": self.message, "verdict": self.verdict, "stop_reason": self.latch.reason,
@@ -460,7 +487,8 @@ class PolicyNode(Node):
                     "inputs_refused": dict(self.inputs.rejected), "plan_ms": round(plan_ms, 2),
                     "control_period_ms": round(self.dt * 1000, 2), "stamp": now_s(self),
                     "tick_max_ms": round(max(self.tick_intervals, default=0.0) * 1000, 1),
-                    "subgoal_age_s": None if self._subgoal_stamp is None else round(now_s(self) - self._subgoal_stamp, 3),
+                    "subgoal_age_s": None if self._subgoal_stamp is None else round(now - self._subgoal_stamp, 3),
+                    "stage_warning": self._stage_warning(now), "stage_errors": self.stage_errors,
                     **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.stats.items()}}
 
     def _publish_status(self) -> None:

@@ -449,7 +449,7 @@ def test_bad_and_flooding_instructions_are_rejected_with_a_reason(graph_factory,
 @pytest.mark.slow
 @pytest.mark.parametrize("failure", ["raises", "hangs"])
 def test_a_failing_or_hung_generator_never_stops_the_control_loop(graph_factory, policy, kinematics, failure):
-    s = no_sim_settings()
+    s = no_sim_settings(stage_timeout_s=1.0)
     goals = FixedGoals(fail_after=1) if failure == "raises" else FixedGoals(hang_after=1)
     g = graph_factory(policy_factory(policy, kinematics, s), subgoal_factory(goals, s), s=s)
     probe = g.probe
@@ -463,6 +463,10 @@ def test_a_failing_or_hung_generator_never_stops_the_control_loop(graph_factory,
         assert probe.last_status()["state"] == "executing"
         if failure == "raises":
             assert any("generator exploded" in (i.get("error") or "") for i in probe.infos)
+            assert "generator exploded" in probe.last_status()["stage_warning"]
+            assert probe.last_status()["stage_errors"] >= 1
+        else:  # the hung stage is reported once the subgoal is older than stage_timeout_s
+            assert g.wait(lambda: "may hang" in (probe.last_status().get("stage_warning") or ""), timeout=5)
     finally:
         goals.release.set()
         feeder.stop()
