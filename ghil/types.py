@@ -142,6 +142,9 @@ class PolicyBatch:
 
 # -- what the planning stages say -------------------------------------------------------------------------------
 
+# How a composite instruction joins its parts ("open the drawer, then push the blue block left"): the long-horizon
+# evaluation's wording, and how a reasoner's TASK splits into its PLAN.
+COMPOSITE_SEPARATOR = ", then "
 ECOT_TAGS = ("TASK", "PLAN", "VISIBLE OBJECTS", "SUBTASK REASONING", "SUBTASK", "MOVE REASONING", "MOVE",
              "GRIPPER POSITION")  # Embodied Chain-of-Thought's tags, always in this order
 

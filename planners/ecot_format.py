@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
-from ghil.types import ECOT_TAGS, Reasoning
+from ghil.types import COMPOSITE_SEPARATOR, ECOT_TAGS, Reasoning
 
 __all__ = ["ReasoningParseError", "parse_reasoning", "render_reasoning", "prefix", "FROZEN_UNTIL",
            "reasoning_from_label"]
@@ -211,8 +211,9 @@ def reasoning_from_label(label: dict, instruction: str | None = None,
     ground truth by sim_eval/demonstrations/labels.py) as a ``Reasoning``.
 
     SUBTASK is the current task's instruction (the language the generator, filter and policy were trained on); the
-    expert's phase ("reach above handle") and the gripper state are the SUBTASK / MOVE REASONING; PLAN is the
-    episode's remaining tasks; GRIPPER POSITION the projected future tcp pixels, clamped into ``image_size`` (width,
+    expert's phase ("reach above handle") and the gripper state are the SUBTASK / MOVE REASONING; PLAN is the parts
+    of the TASK (a composite instruction's subtasks, in order; the play episode's later tasks were never asked for,
+    so they are not in it); GRIPPER POSITION the projected future tcp pixels, clamped into ``image_size`` (width,
     height) when given (6 % of collected frames project a future position below the frame: the gripper leaving the
     view is drawn at the border, as a strictly parsed reply must be). ``instruction`` is the TASK the user gave
     (default: the current task's)."""
@@ -224,8 +225,9 @@ def reasoning_from_label(label: dict, instruction: str | None = None,
         if image_size is not None:
             w, h = image_size
             points = [(min(max(u, 0), w - 1), min(max(v, 0), h - 1)) for u, v in points]
+        given = (instruction or task).strip()
         return Reasoning(
-            task=(instruction or task).strip(), plan=tuple(str(p).strip() for p in label.get("plan", ()) or (task,)),
+            task=given, plan=tuple(part.strip() for part in given.split(COMPOSITE_SEPARATOR)),
             visible_objects={str(k): tuple(int(round(c)) for c in box)
                              for k, box in dict(label.get("visible_objects", {})).items()},
             subtask_reasoning=f"the current task is to {task}; its next phase is to {phase}." if phase else "",

@@ -97,6 +97,7 @@ def test_a_collected_label_becomes_a_well_formed_training_target():
     r = reasoning_from_label(LABEL, instruction="close the drawer, then pull out the drawer")
     assert r.subtask == "close the drawer" and r.task.startswith("close the drawer, then")
     assert r.plan == ("close the drawer", "pull out the drawer") and r.move == "close gripper"
+    assert reasoning_from_label(LABEL).plan == ("close the drawer",)  # the episode's later tasks were not asked for
     assert r.gripper_position[1] == (58.0, 114.0) and r.visible_objects["drawer handle"] == (69, 159, 122, 199)
     assert "reach above handle" in r.subtask_reasoning
     text = render_reasoning(r)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ghil.types import COMPOSITE_SEPARATOR
 from sim_eval.protocol.tasks import TASK_NAMES, check_task_name, eval_instruction, heldout_phrasings, train_phrasings
 
 MODES = ("standard", "heldout_phrasings", "long_horizon")
-COMPOSITE_SEPARATOR = ", then "
 
 
 def check_mode(mode: str) -> str:
