@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,6 +50,9 @@ STREAM = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=Reliab
 # Commands and events: nothing may be lost in a burst.
 COMMANDS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.VOLATILE)
+
+# The policy node's states in which the stages work on frames (idle, done, stopped and error leave them idle).
+ACTIVE_STATES = ("planning", "executing")
 
 # Joint names per robot model (ghil.runtime.safety holds their limits).
 ROBOTS = {"panda": JointLimits.panda, "fr3": JointLimits.fr3}
@@ -311,7 +313,7 @@ class TaskFollower:
 
     @property
     def active(self) -> bool:
-        return self.policy_state in ("planning", "executing")
+        return self.policy_state in ACTIVE_STATES
 
 
 # -- the reasoner's subtasks ------------------------------------------------------------------------------------
@@ -366,11 +368,6 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def nested(flat: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The settings under ``prefix.`` of a flat mapping, without the prefix."""
-    return {k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")}
 
 
 # -- spinning -----------------------------------------------------------------------------------------------------
@@ -433,12 +430,3 @@ def spin(nodes: Sequence[Any], context, threads: int = 6, until=None, executor: 
         for future in list(getattr(executor, "_futures", [])):
             if future.done():
                 future.exception()
-
-
-def wait_for(predicate, timeout_s: float, poll_s: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return bool(predicate())

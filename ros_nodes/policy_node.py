@@ -39,15 +39,14 @@ from ghil.runtime.instruction_gate import REPEAT, InstructionGate
 from ghil.runtime.joint_commands import ChunkCommander
 from ghil.runtime.safety import InputWatchdog, StopLatch, UnsafeCommandError, hold_trajectory
 from ghil.types import Observation, Subgoal
-from ros_nodes.common import (COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, ImageError, InputStore, SubtaskFollower,
-                              declare_settings, image_from_msg, json_msg, now_s, parse_json, seconds,
-                              tokens_from_msg, trajectory_msg)
+from ros_nodes.common import (ACTIVE_STATES, COMMANDS, LATCHED, ROBOTS, STATUS, STREAM, ImageError, InputStore,
+                              SubtaskFollower, declare_settings, image_from_msg, json_msg, now_s, parse_json,
+                              seconds, tokens_from_msg, trajectory_msg)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PolicyNode"]
 
-ACTIVE = ("planning", "executing")
 MAX_POLICY_FAILURES = 3
 
 
@@ -96,7 +95,6 @@ class PolicyNode(Node):
         self.stage_errors, self.stage_error = 0, None
         self.stats = {"chunks": 0, "late_chunks": 0, "held": 0, "clamped_points": 0, "limited_points": 0,
                       "first_command_latency_s": None, "policy_errors": 0, "skipped_actions": 0}
-        self.publish_log: deque = deque(maxlen=5000)
         self.tick_intervals: deque = deque(maxlen=3000)  # seconds between control ticks (the timer's punctuality)
         self._last_tick: float | None = None  # (wall time, ROS start stamp) of every trajectory published
 
@@ -227,7 +225,7 @@ class PolicyNode(Node):
                 self._ready_stamp = float(event.get("stamp", now_s(self)))
             elif kind == "verdict":
                 self.verdict = {k: event.get(k) for k in ("success", "tasks", "completed", "steps", "reason")}
-                if event.get("final") and self.state in ACTIVE:
+                if event.get("final") and self.state in ACTIVE_STATES:
                     self._finish("robot verdict: " + ("success" if event.get("success") else "failure"))
             elif kind == "error":
                 self.message = f"robot: {event.get('message')}"
@@ -304,7 +302,6 @@ class PolicyNode(Node):
             return
         held = hold_trajectory(joints, self.limits, dt=self.dt)
         self.pub_trajectory.publish(trajectory_msg(self.limits.names, held.points, held.times, None))
-        self.publish_log.append((time.monotonic(), None))
         self.stats["held"] += 1
 
     def _finish(self, message: str) -> None:
@@ -364,7 +361,7 @@ class PolicyNode(Node):
 
     def _due(self) -> dict | None:
         """Under the lock: the inputs of the chunk to plan now, or None (nothing due, or waiting; says why)."""
-        if self.latch.stopped or self.state not in ACTIVE or self.task is None:
+        if self.latch.stopped or self.state not in ACTIVE_STATES or self.task is None:
             return None
         now = now_s(self)
         if self._ready_stamp is None:
@@ -445,7 +442,6 @@ class PolicyNode(Node):
         self.pub_gripper.publish(trajectory_msg(self.s["finger_joints"], fingers, cmd.times, start))
         self._gripper_action = int(cmd.gripper[-1])
         self._last_point = cmd.positions[-1].copy()
-        self.publish_log.append((time.monotonic(), start_at))
         self._plan_s.append(plan_s)
         self._next_start = start_at + len(cmd.times) * self.dt
         st = self.stats

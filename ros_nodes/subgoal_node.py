@@ -82,8 +82,7 @@ class SubgoalNode(Node):
         self.s, self.kinematics = s, kinematics
         self._stamped = _StampedGoals(goals)
         self.goals = AsyncGoals(self._stamped, name="ghil-subgoals")
-        self._stamps: dict[int, float] = {}  # obs.t -> the stamp of its frames
-        self._t_requested: dict[int, float] = {}  # obs.t -> when it was handed to the provider
+        self._requests: dict[int, tuple[float, float]] = {}  # obs.t -> (its frames' stamp, when it was handed over)
         self.dt = 1.0 / float(s["control_hz"])
         self.inputs = InputStore(cameras, ROBOTS[s["robot_model"]](), s["finger_joints"])
         self._last_obs_stamp: float | None = None
@@ -91,7 +90,6 @@ class SubgoalNode(Node):
         self._worker_errors = 0
         self.n_published = 0
         self.errors = 0
-        self.replan_ms: list[float] = []
         group = MutuallyExclusiveCallbackGroup()
         io = ReentrantCallbackGroup()  # the input store locks; no input waits for another
         self.pub_image = self.create_publisher(Image, s["subgoal_topic"], STREAM)
@@ -132,11 +130,9 @@ class SubgoalNode(Node):
         robot_obs = self.kinematics.robot_obs(joints, width if width is not None else 0.08, 1)
         obs = Observation(images=frames, proprio=robot_obs.astype(np.float32),
                           t=max(0, int(round((obs_stamp - ready) / self.dt))), instruction=instruction)
-        self._stamps[obs.t] = obs_stamp
-        self._t_requested[obs.t] = time.perf_counter()
-        for store in (self._stamps, self._t_requested):
-            for key in sorted(store)[:-64]:
-                del store[key]
+        self._requests[obs.t] = (obs_stamp, time.perf_counter())
+        for key in sorted(self._requests)[:-64]:
+            del self._requests[key]
         try:
             subgoal = self.goals.goal(obs)  # the first of a task is computed here, later ones on the worker
         except Exception as err:  # contained: the policy keeps the last subgoal
@@ -148,9 +144,9 @@ class SubgoalNode(Node):
         if subgoal is None or subgoal is self._last_subgoal:
             return  # the subgoal in force (no replan finished since the last tick)
         made_at = self._stamped.made_at.get(id(subgoal), obs.t)
-        stamp = self._stamps.get(made_at, obs_stamp)
+        stamp, requested = self._requests.get(made_at, (obs_stamp, time.perf_counter()))
         self._last_subgoal = subgoal
-        self.replan_ms.append((time.perf_counter() - self._t_requested.get(made_at, time.perf_counter())) * 1000)
+        latency_ms = (time.perf_counter() - requested) * 1000
         self.pub_image.publish(image_msg(subgoal.image, stamp, frame_id=str(task["id"])))
         if subgoal.tokens is not None:
             self.pub_tokens.publish(image_msg(np.asarray(subgoal.tokens, np.float32), stamp,
@@ -162,7 +158,7 @@ class SubgoalNode(Node):
         self.pub_info.publish(json_msg({
             "task_id": task["id"], "step": made_at, "stamp": stamp, "chosen": subgoal.chosen,
             "scores": None if subgoal.scores is None else np.asarray(subgoal.scores).round(4).tolist(),
-            "source": subgoal.source, "latency_ms": round(self.replan_ms[-1], 2), "n": self.n_published,
+            "source": subgoal.source, "latency_ms": round(latency_ms, 2), "n": self.n_published,
             "errors": self.goals.errors}))
 
     def _report_error(self, task: dict, step: int, err: BaseException | None) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -73,9 +72,6 @@ class SimNode(Node):
         self._done: list[str] = []
         self._start_info = None
         self._steps = 0
-        self.n_ticks = 0
-        self.n_refused = 0
-        self.tick_ms: list[float] = []
         self._cameras = {c: s[f"camera_topics.{c}"] for c in ("rgb_static", "rgb_gripper")
                          if s.get(f"camera_topics.{c}") and c.removeprefix("rgb_") in env.camera_names}
         self.pub_images = {c: self.create_publisher(Image, topic, STREAM) for c, topic in self._cameras.items()}
@@ -102,13 +98,11 @@ class SimNode(Node):
         index = {n: i for i, n in enumerate(msg.joint_names)}
         missing = [n for n in names if n not in index]
         if missing or not msg.points:
-            self.n_refused += 1
             self._event({"event": "error", "message": f"trajectory refused: joints {missing} missing"
                          if missing else "trajectory refused: no points"})
             return None
         points = np.array([[p.positions[index[n]] for n in names] for p in msg.points], dtype=np.float64)
         if not np.all(np.isfinite(points)):
-            self.n_refused += 1
             self._event({"event": "error", "message": "trajectory refused: non-finite positions"})
             return None
         stamp = seconds(msg.header.stamp)
@@ -145,7 +139,6 @@ class SimNode(Node):
         return current, pending
 
     def _tick(self) -> None:
-        t0 = time.perf_counter()
         now = now_s(self)
         with self._lock:
             task, self._pending_task = self._pending_task, None
@@ -166,14 +159,10 @@ class SimNode(Node):
             width = float(grip.points[grip.index].sum())
             self._gripper = 1.0 if width >= float(self.s["gripper_open_m"]) / 2 else -1.0
         q = np.clip(self._hold_q, self.limits.lower_array, self.limits.upper_array)
-        self.env.step({"type": "joint_abs", "action": np.r_[q, self._gripper]})
-        self.n_ticks += 1
+        obs, _, _, info = self.env.step({"type": "joint_abs", "action": np.r_[q, self._gripper]})
         self._steps += 1
-        self._publish_state(now_s(self))  # stamped when the state was reached (after the step)
-        self._judge()
-        self.tick_ms.append((time.perf_counter() - t0) * 1000)
-        if len(self.tick_ms) > 10000:
-            del self.tick_ms[:5000]
+        self._publish_state(now_s(self), obs)  # stamped when the state was reached (after the step)
+        self._judge(info)
 
     def _begin(self, task: dict) -> None:
         from sim_eval.evaluation.instruction_run import choose_start
@@ -207,8 +196,9 @@ class SimNode(Node):
         self._gripper = 1.0 if robot_obs[14] >= 0 else -1.0
         self._start_info = self.env.get_info()
 
-    def _publish_state(self, stamp: float) -> None:
-        obs = self.env.get_obs()
+    def _publish_state(self, stamp: float, obs: dict | None = None) -> None:
+        """The cameras and joint states of ``obs`` (default: the env's current observation)."""
+        obs = self.env.get_obs() if obs is None else obs
         for camera, pub in self.pub_images.items():
             pub.publish(image_msg(obs["rgb_obs"][camera], stamp, frame_id=camera))
         robot_obs = obs["robot_obs"]
@@ -217,11 +207,10 @@ class SimNode(Node):
         positions = (*robot_obs[7:14], *([finger] * len(self.s["finger_joints"])))
         self.pub_joints.publish(joint_state_msg(names, positions, stamp))
 
-    def _judge(self) -> None:
+    def _judge(self, info: dict) -> None:
         if self.task is None or not self._tasks or len(self._done) == len(self._tasks):
             return
         current = self._tasks[len(self._done)]
-        info = self.env.get_info()
         if self.oracle.get_task_info_for_set(self._start_info, info, {current}):
             self._done.append(current)
             self._start_info = info  # the next subtask is judged from where this one ended
