@@ -6,8 +6,9 @@ ECoT question ``prompt`` about ``image``. The reasoner owns everything else:
 * **the format**: the reply is ``prefix + continuation`` parsed by ``planners.ecot_format.parse_reasoning`` (tags in
   order, boxes and gripper pixels inside the image, SUBTASK / PLAN from the known vocabulary when one is given);
 * **reuse** (ECoT's prompt freezing): a full reasoning from the forced ``TASK:`` prefix every ``full_every`` steps,
-  on a new instruction, or when the last one failed; in between only MOVE REASONING, MOVE and GRIPPER POSITION are
-  regenerated, the previous text's high-level prefix (TASK ... SUBTASK) frozen;
+  on a new instruction, when the last one failed, and right after a full reasoning that changed the SUBTASK (the
+  change is confirmed by a second look before frozen updates repeat it); in between only MOVE REASONING, MOVE and
+  GRIPPER POSITION are regenerated, the previous text's high-level prefix (TASK ... SUBTASK) frozen;
 * **loud failures that never reach the control loop**: a reply that does not parse is counted (``n_failures``,
   ``last_error`` holds the named problems) and the last valid reasoning stays in force; before any valid one the
   instruction itself is the subtask (what the graph does without a reasoner), flagged by ``fallback``.
@@ -65,14 +66,18 @@ class VLMReasoner:
     the pixel fields (None: that camera's frame size)."""
 
     def __init__(self, backend: ReasoningBackend, camera: str = "rgb_static", image_size: tuple[int, int] | None = None,
-                 subtasks: Collection[str] | None = None, full_every: int = 5, backoff_calls: int = 10):
+                 subtasks: Collection[str] | None = None, full_every: int = 5, backoff_calls: int = 10,
+                 force_task: bool | None = None):
         if not isinstance(backend, ReasoningBackend):
             raise TypeError(f"backend must have generate(image, prompt, prefix) -> str, got {type(backend).__name__}")
         if int(full_every) < 1:
             raise ValueError(f"full_every must be >= 1, got {full_every}")
         self.backend, self.camera = backend, str(camera)
         self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        # A trained reasoner's folder names its vocabulary and whether TASK is forced (TransformersVLM.info).
+        subtasks = subtasks if subtasks is not None else getattr(backend, "subtasks", None)
         self.subtasks = None if subtasks is None else tuple(subtasks)
+        self.force_task = bool(getattr(backend, "force_task", False) if force_task is None else force_task)
         self.full_every = int(full_every)
         # After the backend is unavailable (a server down), skip this many calls before asking it again, so a dead
         # endpoint costs one timeout per `backoff_calls` steps, not one per step.
@@ -85,6 +90,7 @@ class VLMReasoner:
         self._last_text: str | None = None
         self._instruction: str | None = None
         self._t_full: int | None = None
+        self._full_subtask: str | None = None  # the SUBTASK of the last full reasoning
         self.n_full = self.n_frozen = self.n_failures = 0
         self.last_error: Exception | None = None
         self.fallback = False
@@ -108,7 +114,8 @@ class VLMReasoner:
             return self._current(instruction)
         t = int(obs.t)
         full = self._last_text is None or self._t_full is None or t - self._t_full >= self.full_every or t < self._t_full
-        head = FORCED_PREFIX if full else prefix(self._last_text)
+        head = (self.task_prefix(instruction) if self.force_task else FORCED_PREFIX) if full \
+            else prefix(self._last_text)
         start = time.perf_counter()
         try:
             text = head + self.backend.generate(image, ecot_prompt(instruction), head)
@@ -123,11 +130,19 @@ class VLMReasoner:
             return self._current(instruction)
         self.latency_ms["full" if full else "frozen"] = (time.perf_counter() - start) * 1000
         if full:
-            self.n_full, self._t_full = self.n_full + 1, t
+            changed = self._full_subtask is not None and reasoning.subtask != self._full_subtask
+            self.n_full, self._full_subtask = self.n_full + 1, reasoning.subtask
+            self._t_full = None if changed else t  # a changed SUBTASK: the next call reasons in full again
         else:
             self.n_frozen += 1
         self._last, self._last_text, self.fallback = reasoning, text, False
         return reasoning
+
+    @staticmethod
+    def task_prefix(instruction: str) -> str:
+        """The forced head with TASK filled in (``force_task``): TASK *is* the instruction, so a small model is not
+        asked to copy words it may never have seen (ECoT's models reproduce it verbatim anyway)."""
+        return f"{FORCED_PREFIX} {instruction.strip().rstrip('.').strip()}."
 
     def _current(self, instruction: str) -> Reasoning:
         if self._last is not None:

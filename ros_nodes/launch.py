@@ -62,9 +62,9 @@ def build_stages(cfg: DictConfig, context=None) -> dict[str, Any]:
     from ros_nodes.subgoal_node import SubgoalNode
 
     agent = instantiate(cfg.agent)
-    reasoner = None
+    reasoner, advance_after = None, 2
     if isinstance(agent, ReasonedAgent):  # reasoner -> the lower hierarchy: the reasoner gets its own node
-        agent, reasoner = agent.agent, agent.reasoner
+        agent, reasoner, advance_after = agent.agent, agent.reasoner, agent.follower.advance_after
     if not isinstance(agent, PolicyAgent):
         raise ValueError(f"ghil launch runs a PolicyAgent hierarchy (agent=ghil_glue_tokens, susie_tokens, "
                          f"ghil_glue, flat_policy, ghil_glue_reasoner, ...); agent={cfg.agent.get('_target_')} is not "
@@ -97,7 +97,8 @@ def build_stages(cfg: DictConfig, context=None) -> dict[str, Any]:
         from ros_nodes.reasoner_node import ReasonerNode
 
         camera = getattr(reasoner, "camera", "rgb_static")
-        nodes["reasoner"] = ReasonerNode(reasoner, (camera, cameras[camera]), settings, context=context)
+        nodes["reasoner"] = ReasonerNode(reasoner, (camera, cameras[camera]), settings, context=context,
+                                         advance_after=advance_after)
     return nodes
 
 

@@ -5,7 +5,9 @@ waits for a VLM); each tick hands it the newest camera frame and publishes every
 In: ``task_topic`` (the accepted instruction), the reasoner's camera, ``status_topic`` (it idles unless the policy
 is planning or executing), robot events (a sim's ready). Out: ``reasoning_topic`` (String JSON: task_id, step,
 stamp, the eight fields, the text, fallback, failures) and ``subtask_topic`` (String JSON {task_id, subtask,
-stamp}, latched): the subgoal node and the policy node take it as the instruction of the lower stages.
+stamp}, latched): the subgoal node and the policy node take it as the instruction of the lower stages. A composite
+instruction's subtasks follow ``ghil.runtime.reasoned_agent.PlanFollower`` (forward only, one step after repeated
+evidence), as in ``ghil eval``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from std_msgs.msg import String
 
 from ghil.interfaces import Reasoner
 from ghil.runtime.async_reasoner import AsyncReasoner
+from ghil.runtime.reasoned_agent import PlanFollower
 from ghil.types import Observation
 from ros_nodes.common import COMMANDS, LATCHED, ROBOTS, STREAM, InputStore, TaskFollower, declare_settings, json_msg
 
@@ -31,7 +34,7 @@ class ReasonerNode(Node):
     """See the module docstring. ``camera``: (name, (H, W)) of the image the reasoner reads."""
 
     def __init__(self, reasoner: Reasoner, camera: tuple[str, tuple[int, int]], settings: dict[str, Any],
-                 context=None, name: str = "ghil_reasoner"):
+                 context=None, name: str = "ghil_reasoner", advance_after: int = 2):
         super().__init__(name, namespace=settings.get("namespace") or None, context=context)
         if not isinstance(reasoner, Reasoner):
             raise TypeError(f"the reasoner node runs a ghil.interfaces.Reasoner, got {type(reasoner).__name__}")
@@ -41,6 +44,7 @@ class ReasonerNode(Node):
         self.camera = camera[0]
         self.inputs = InputStore({camera[0]: camera[1]}, ROBOTS[s["robot_model"]](), s["finger_joints"])
         self.reasoner = AsyncReasoner(reasoner)
+        self.plan = PlanFollower(advance_after)  # a composite instruction's subtasks, in order (ReasonedAgent's rule)
         self._last = None
         self._last_stamp: float | None = None
         self._subtask: str | None = None
@@ -61,6 +65,7 @@ class ReasonerNode(Node):
             return
         if new:
             self.reasoner.reset()
+            self.plan.reset()
             self._last, self._subtask = None, None
         if ready is None or not self.tasks.active:
             return
@@ -83,7 +88,7 @@ class ReasonerNode(Node):
         self.pub_reasoning.publish(json_msg({
             "task_id": task["id"], "step": obs.t, "stamp": stamps[self.camera], **dataclasses.asdict(reasoning),
             "fallback": bool(getattr(inner, "fallback", False)), "failures": int(getattr(inner, "n_failures", 0))}))
-        subtask = (reasoning.subtask or "").strip() or task["instruction"]
+        subtask = self.plan.update(reasoning) or task["instruction"]
         if subtask != self._subtask:
             self._subtask = subtask
             self.pub_subtask.publish(json_msg({"task_id": task["id"], "subtask": subtask,

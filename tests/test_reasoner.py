@@ -4,6 +4,7 @@ instructions, and the OpenAI-compatible endpoint backend against a local HTTP se
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import threading
@@ -54,6 +55,24 @@ def test_full_every_n_steps_and_the_frozen_prefix_in_between():
     assert prefixes == [FORCED_PREFIX, frozen, frozen, FORCED_PREFIX, frozen, frozen, FORCED_PREFIX]
     assert reasoner.n_full == 3 and reasoner.n_frozen == 4
     assert backend.calls[0][0] == ecot_prompt("open the drawer") == "What action should the robot take to open the drawer?"
+
+
+def test_a_full_reasoning_that_changes_the_subtask_is_confirmed_by_another_full_one():
+    lift = dataclasses.replace(FULL, subtask="lift the red block")
+    lift_text = render_reasoning(lift)
+
+    def answer(text):
+        return lambda prefix: text[len(prefix):] if text.startswith(prefix) else text
+
+    backend = Scripted([answer(TEXT), answer(TEXT), answer(lift_text), answer(lift_text), answer(lift_text),
+                        answer(TEXT), answer(TEXT)])
+    reasoner = VLMReasoner(backend, full_every=2)
+    said = [reasoner.reason(obs(t)).subtask for t in range(7)]
+    kinds = ["full" if p == FORCED_PREFIX else "frozen" for _, p in backend.calls]
+    # t2: full, SUBTASK changed -> t3 full again (confirmed: unchanged) -> t4 frozen; t5 full changes it back -> t6 full
+    assert kinds == ["full", "frozen", "full", "full", "frozen", "full", "full"]
+    assert said == ["open the drawer", "open the drawer", "lift the red block", "lift the red block",
+                    "lift the red block", "open the drawer", "open the drawer"]
 
 
 def test_a_new_instruction_reasons_in_full_again():
@@ -213,6 +232,22 @@ def test_transformers_backend_loads_by_path_and_continues_the_forced_prefix(tiny
     assert vicuna.prompt_text("q?", "TASK:").endswith("USER: <image>\nq? ASSISTANT: TASK:")
 
 
+def test_the_cached_greedy_decoder_writes_exactly_what_generate_writes(tiny_vlm):
+    from planners.vlm_backend import TransformersVLM
+
+    _, folder = tiny_vlm
+    slow = TransformersVLM(str(folder), max_new_tokens=24, local_files_only=True)
+    fast = TransformersVLM(str(folder), max_new_tokens=24, local_files_only=True, decode="cached_greedy")
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        image = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+        head = FORCED_PREFIX if k % 2 == 0 else "TASK: open the drawer. PLAN: 1."
+        assert fast.generate(image, ecot_prompt("open the drawer"), head) == \
+            slow.generate(image, ecot_prompt("open the drawer"), head)
+    with pytest.raises(ValueError, match="decode"):
+        TransformersVLM(str(folder), local_files_only=True, decode="beam")
+
+
 def test_a_model_that_cannot_be_loaded_offline_says_so(tmp_path):
     pytest.importorskip("transformers")
     from planners.vlm_backend import TransformersVLM
@@ -280,6 +315,72 @@ def test_the_subtask_becomes_the_instruction_and_a_new_subtask_resets_the_inner_
     assert description.status.startswith(f"subtask: {composite}") and description.reasoning.subtask == ""
 
 
+class PlanScript:
+    """A Reasoner whose every reasoning carries ``plan`` and the next scripted SUBTASK."""
+
+    def __init__(self, plan, subtasks):
+        self.plan, self.subtasks = tuple(plan), list(subtasks)
+
+    def reason(self, o):
+        return Reasoning(task=o.instruction, plan=self.plan, subtask=self.subtasks.pop(0))
+
+
+def test_a_composite_plan_advances_one_step_at_a_time_after_repeated_evidence_and_never_back():
+    from ghil.runtime.reasoned_agent import ReasonedAgent
+
+    a, b, c = "open the drawer", "lift the red block", "push the button"
+    said = [b, a, b, b, a, c, c, c, a, a, c]   # at t = 0 .. 10, one reasoning per step
+    inner = RecordingAgent()
+    agent = ReasonedAgent(inner, PlanScript((a, b, c), said), reason_every=1, advance_after=2)
+    agent.reset()
+    for t in range(len(said)):
+        agent.act(obs(t, f"{a}, then {b}, then {c}"))
+    # t0: starts at the plan's first step although the reasoner said b; t2-t3: b twice in a row -> b; t4: an earlier
+    # step is ignored; t5-t6: c twice -> c; later a's never undo it.
+    assert inner.instructions == [a, a, a, b, b, b, c, c, c, c, c]
+    assert agent.subtasks_seen == [a, b, c]
+
+
+def test_a_skipped_step_or_unknown_subtask_leaves_the_current_one_in_force():
+    from ghil.runtime.reasoned_agent import ReasonedAgent
+
+    a, b, c = "open the drawer", "lift the red block", "push the button"
+    said = [a, c, c, c, "dance", "dance", b, b]
+    inner = RecordingAgent()
+    agent = ReasonedAgent(inner, PlanScript((a, b, c), said), reason_every=1, advance_after=2)
+    agent.reset()
+    for t in range(len(said)):
+        agent.act(obs(t, f"{a}, then {b}, then {c}"))
+    assert inner.instructions == [a] * 7 + [b]
+    agent.reset()  # a new episode starts at the first step again
+    agent.reasoner.subtasks = [b]
+    agent.act(obs(0, f"{a}, then {b}, then {c}"))
+    assert inner.instructions[-1] == a
+
+
+def test_the_same_reasoning_object_again_is_no_new_evidence():
+    from ghil.runtime.reasoned_agent import PlanFollower
+
+    a, b = "open the drawer", "lift the red block"
+    follower = PlanFollower(advance_after=2)
+    first, said_b = Reasoning(task="x", plan=(a, b), subtask=a), Reasoning(task="x", plan=(a, b), subtask=b)
+    assert follower.update(first) == a
+    assert follower.update(said_b) == a and follower.update(said_b) == a  # an async reasoner repeating its last
+    assert follower.update(dataclasses.replace(said_b)) == b  # a second, new reasoning naming b
+
+
+def test_advance_after_one_follows_the_reasoner_at_once():
+    from ghil.runtime.reasoned_agent import ReasonedAgent
+
+    a, b = "open the drawer", "lift the red block"
+    inner = RecordingAgent()
+    agent = ReasonedAgent(inner, PlanScript((a, b), [a, b, a]), reason_every=1, advance_after=1)
+    agent.reset()
+    for t in range(3):
+        agent.act(obs(t, f"{a}, then {b}"))
+    assert inner.instructions == [a, b, b]
+
+
 def test_reasoned_agent_checks_its_parts():
     from ghil.runtime.reasoned_agent import ReasonedAgent
 
@@ -289,6 +390,8 @@ def test_reasoned_agent_checks_its_parts():
         ReasonedAgent(RecordingAgent(), object())
     with pytest.raises(ValueError):
         ReasonedAgent(RecordingAgent(), SubtaskScript([]), reason_every=0)
+    with pytest.raises(ValueError):
+        ReasonedAgent(RecordingAgent(), SubtaskScript([]), advance_after=0)
 
 
 @pytest.mark.slow
@@ -301,11 +404,11 @@ def test_agent_ghil_glue_reasoner_runs_the_shipped_hierarchy_on_the_reasoners_su
     from sim_eval.evaluation.evaluate import build_agent
     from sim_eval.world.playtable.env import PlayTableEnv
 
-    lift = Reasoning(task="open the drawer, then lift the red block", plan=("open the drawer", "lift the red block"),
+    lift = Reasoning(task="lift the red block", plan=("lift the red block",),
                      subtask="lift the red block", move="move down", gripper_position=((100, 100),))
     server["reply"] = lambda body: {"choices": [{"message": {"content": render_reasoning(lift)[len("TASK:"):]}}]}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="run", overrides=["agent=ghil_glue_reasoner",
+        cfg = compose(config_name="run", overrides=["agent=ghil_glue_reasoner", "reasoner@agent.reasoner=endpoint",
                                                     f"agent.reasoner.backend.base_url={server['url']}"])
     agent = build_agent(cfg.agent)
     env = PlayTableEnv()
@@ -313,7 +416,7 @@ def test_agent_ghil_glue_reasoner_runs_the_shipped_hierarchy_on_the_reasoners_su
         observation = env.reset()
         agent.reset()
         for _ in range(3):
-            action = agent.step(observation, "open the drawer, then lift the red block")
+            action = agent.step(observation, "lift the red block")
             observation, *_ = env.step(action)
     finally:
         env.close()

@@ -636,10 +636,12 @@ def test_say_reports_when_no_graph_answers():
 def test_processes_roles_and_ros_args_are_split_as_documented():
     from ros_nodes.launch import plan_processes, split_ros_args
 
-    assert plan_processes(compose_launch_config(["robot=sim"])) == (["policy"], ["subgoals", "sim"])
-    assert plan_processes(compose_launch_config([])) == (["policy"], ["subgoals"])
+    assert plan_processes(compose_launch_config(["robot=sim"])) == (["policy"], ["subgoals", "reasoner", "sim"])
+    assert plan_processes(compose_launch_config([])) == (["policy"], ["subgoals", "reasoner"])
+    assert plan_processes(compose_launch_config(["robot=sim", "agent=ghil_glue_tokens"])) == (
+        ["policy"], ["subgoals", "sim"])
     assert plan_processes(compose_launch_config(["robot=sim", "ros.processes=single"])) == (
-        ["policy", "subgoals", "sim"], [])
+        ["policy", "subgoals", "reasoner", "sim"], [])
     assert plan_processes(compose_launch_config(["nodes=[sim]", "robot=sim"])) == (["sim"], [])
     assert split_ros_args(["robot=sim", "--ros-args", "-p", "max_steps:=5"]) == (
         ["robot=sim"], ["--ros-args", "-p", "max_steps:=5"])
@@ -688,7 +690,7 @@ class RecordingPolicy:
 
 
 class ScriptedReasoner:
-    """Names the second part of a composite instruction as the subtask."""
+    """Names the last part of a composite instruction as the subtask, at every reasoning."""
 
     camera = "rgb_static"
 
@@ -711,12 +713,19 @@ def test_the_reasoner_node_names_the_subtask_the_subgoal_and_policy_nodes_follow
                       lambda context: ReasonerNode(ScriptedReasoner(), ("rgb_static", (SIZE, SIZE)), s,
                                                    context=context), s=s)
     probe = g.probe
+    subtasks = []
     probe.create_subscription(String, s["reasoning_topic"], lambda m: reasonings.append(json.loads(m.data)), COMMANDS)
+    probe.create_subscription(String, s["subtask_topic"], lambda m: subtasks.append(json.loads(m.data)["subtask"]),
+                              LATCHED)
     probe.say("open the drawer, then turn on the led")
     assert g.wait(lambda: probe.last_status().get("state") == "executing", timeout=30), probe.last_status()
-    assert g.wait(lambda: len(recording.instructions) >= 2)
-    assert set(goals.instructions) == {"turn on the led"}  # the generator imagines the reasoner's subtask
-    assert set(recording.instructions) == {"turn on the led"}  # and the policy is conditioned on it
+    # The plan is followed forward from its first step: the reasoner naming the second part twice in a row
+    # (advance_after=2) moves the graph on, and the generator and the policy follow the published subtask.
+    assert g.wait(lambda: "turn on the led" in recording.instructions and "turn on the led" in goals.instructions,
+                  timeout=30)
+    assert subtasks[:2] == ["open the drawer", "turn on the led"]
+    assert set(goals.instructions) <= {"open the drawer", "turn on the led"}
+    assert recording.instructions[-1] == "turn on the led"
     assert g.wait(lambda: reasonings)
     first = reasonings[0]
     assert first["subtask"] == "turn on the led" and first["plan"] == ["open the drawer", "turn on the led"]

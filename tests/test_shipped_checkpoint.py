@@ -76,3 +76,30 @@ def test_shipped_policy_acts_in_range_through_the_agent_config(name, first_chain
         # The goal is the current frame: the robot is where it should be, so the policy should barely move.
         still = policy.predict_chunk(observation, goal, n_steps=2, generator=torch.Generator().manual_seed(0)).actions
         assert float(still[:8, :3].abs().mean()) < 0.5
+
+
+def test_shipped_reasoner_is_small_documented_and_reasons_on_a_real_frame(first_chain_frame, tmp_path, monkeypatch):
+    """reasoner_small: a transformers folder under 10 MB with its card, found from any folder through the
+    `reasoner=small` config, naming the 34 tasks' subtasks; on the first official chain's scene it answers a parsed
+    reasoning whose SUBTASK is the asked task (an instruction in the training phrasings)."""
+    folder = REPO / "ghil" / "checkpoints" / "reasoner_small"
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "ghil_reasoner.json", "tokenizer.json", "README.md"} <= set(files)
+    assert sum(files.values()) <= 10 * 1024 * 1024, files
+    card = (folder / "README.md").read_text()
+    for needed in ("ghil collect", "ghil train recipe=reasoner", "reasoner_quality.py", "ghil eval", "avg len"):
+        assert needed in card, needed
+    monkeypatch.chdir(tmp_path)  # `checkpoints/reasoner_small` resolves inside the installed package
+    torch.set_num_threads(1)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=["agent=ghil_glue_reasoner"])
+    reasoner = instantiate(cfg.agent.reasoner)
+    info = reasoner.backend.info
+    assert len(info["subtasks"]) == 34 and reasoner.force_task and set(reasoner.subtasks) == set(info["subtasks"].values())
+    images, robot_obs = first_chain_frame
+    task = "open_drawer"
+    instruction = info["phrasings"][task][0]
+    reasoning = reasoner.reason(Observation(images=images, proprio=robot_obs, t=0, instruction=instruction))
+    assert reasoner.n_failures == 0 and not reasoner.fallback, reasoner.last_error
+    assert reasoning.task == instruction and reasoning.subtask == info["subtasks"][task]
+    assert reasoning.plan == (info["subtasks"][task],) and len(reasoning.gripper_position) == 5
