@@ -160,19 +160,17 @@ class ReasoningDataset:
 
     def __init__(self, config: ReasonerDataConfig, split: str, processor, canonical: Mapping[str, str],
                  phrasings: Mapping[str, list[str]], image_size: int, index: LabelIndex | None = None):
-        self.config, self.split, self.processor = config, split, processor
+        self.config, self.processor = config, processor
         self.canonical, self.phrasings = dict(canonical), {k: list(v) for k, v in phrasings.items()}
         self.index = index or LabelIndex(config.root, split)
         rows = np.arange(len(self.index.frame_ids))
         if config.max_frames is not None and config.max_frames < len(rows):
             rows = np.linspace(0, len(rows) - 1, config.max_frames).round().astype(np.int64)
         self.rows = rows
-        self.image_size = int(image_size)
         self.pixels = pixel_cache(config, split, self.index, processor, image_size)
         self.epoch = 0
-        tok = processor.tokenizer
-        self.n_image_tokens = int(getattr(processor, "num_image_tokens", 0)) or _count_image_tokens(processor)
-        self.eos = tok.eos_token_id
+        self.n_image_tokens = _count_image_tokens(processor)
+        self.eos = processor.tokenizer.eos_token_id
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -346,7 +344,7 @@ class TextSamples(ReasoningDataset):
     """Sample texts without a processor or pixels (the tokenizer is trained on them before the model exists)."""
 
     def __init__(self, config, index, canonical, phrasings):
-        self.config, self.split, self.index = config, config.split, index
+        self.config, self.index = config, index
         self.canonical, self.phrasings = dict(canonical), {k: list(v) for k, v in phrasings.items()}
         self.rows = np.arange(len(index.frame_ids))
         self.epoch = 0
